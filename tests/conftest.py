@@ -1,0 +1,10 @@
+"""Test configuration: every test process sees 8 fake CPU devices.
+
+The flag must be set before JAX initialises its backends, so it is set here,
+at import of the test package, rather than inside individual tests.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
