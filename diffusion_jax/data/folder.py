@@ -1,0 +1,82 @@
+"""A folder of PNG/JPEG images (searched recursively), e.g. your own photographs.
+
+Images are center-cropped to a square and resized to `data.image_size`; colour or grey
+follows `data.num_channels` (3: RGB, 1: L). With `data.use_labels`, the class of an image
+is its top-level subfolder, classes numbered in sorted order of the subfolder names
+(the folder has labels only when every image lies in such a subfolder).
+The folder is one split, named "train". Files are read lazily; an unreadable file raises
+a ValueError naming it when it is reached.
+"""
+
+import pathlib
+
+import ml_collections
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffusion_jax.data import image_ops
+from diffusion_jax.data.sources import DataSource, check_split
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def list_images(root: pathlib.Path) -> list[pathlib.Path]:
+    """All PNG/JPEG files under `root`, recursively, in sorted (deterministic) order."""
+    return sorted(
+        path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
+
+
+def read_image(path: pathlib.Path, *, size: int, num_channels: int) -> np.ndarray:
+    """uint8 [size, size, C] from an image file; ValueError naming the file if unreadable."""
+    try:
+        with Image.open(path) as pil_image:
+            image = np.asarray(pil_image.convert(_PIL_MODES[num_channels]))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image file {path}: {error}") from error
+    image = image.reshape(image.shape[0], image.shape[1], num_channels)
+    return image_ops.center_crop_and_resize(image, size=size)
+
+
+class _DecodeImageFile:
+    """(path, label) -> {"x": uint8 [S, S, C], "label": int32}."""
+
+    def __init__(self, *, size: int, num_channels: int):
+        self.size, self.num_channels = size, num_channels
+
+    def __call__(self, record: tuple[str, int | None]) -> dict[str, np.ndarray]:
+        path, label = record
+        image = read_image(pathlib.Path(path), size=self.size, num_channels=self.num_channels)
+        if label is None:
+            return {"x": image}
+        return {"x": image, "label": np.int32(label)}
+
+
+def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """The images under `data.folder_path`, labelled by subfolder when all are in one."""
+    check_split(split, allowed=("train",), dataset="folder")
+    if data_config.folder_path is None or not pathlib.Path(data_config.folder_path).is_dir():
+        raise FileNotFoundError(f"data.folder_path={data_config.folder_path!r} is not a directory")
+    if data_config.num_channels not in _PIL_MODES:
+        raise ValueError(
+            f"data.num_channels={data_config.num_channels} is not allowed for folder data sets; "
+            f"allowed: {sorted(_PIL_MODES)}"
+        )
+    root = pathlib.Path(data_config.folder_path)
+    paths = list_images(root)
+    if not paths:
+        raise ValueError(f"data.folder_path={str(root)!r} holds no {IMAGE_SUFFIXES} files")
+    # Labels exist when every image lies in a top-level subfolder (its class).
+    relative_parts = [path.relative_to(root).parts for path in paths]
+    has_labels = all(len(parts) > 1 for parts in relative_parts)
+    class_names = sorted({parts[0] for parts in relative_parts}) if has_labels else []
+    class_index = {name: index for index, name in enumerate(class_names)}
+    records = [
+        (str(path), class_index[parts[0]] if has_labels else None)
+        for path, parts in zip(paths, relative_parts, strict=True)
+    ]
+    decode = _DecodeImageFile(size=data_config.image_size, num_channels=data_config.num_channels)
+    num_classes = len(class_names) if has_labels else None
+    size = data_config.image_size
+    return DataSource(records, decode, (size, size, data_config.num_channels), num_classes)

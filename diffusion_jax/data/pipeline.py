@@ -1,0 +1,206 @@
+"""Shuffled, sharded, batched and exactly resumable iteration over a data set, with grain.
+
+Every example is a pure function of its position n = 0, 1, 2, ... in the global stream:
+  epoch e = n // N (N examples in the split); the example is number pi_e(n mod N) of the
+  split, pi_e a permutation drawn by grain's index shuffle with seed s + e (identity when
+  not shuffling); it is mirrored left-right iff a Philox draw keyed by (flip seed, n) is
+  below 1/2.
+Global batch k is positions [kG, (k+1)G); process p of P takes positions kG + p + jP,
+j < G/P, so the P shards are disjoint, their union is the global batch, and the global
+batch sequence does not depend on P. Nothing is stateful, so the iterator's state is the
+number of batches it has yielded: after `set_state` it yields bitwise what the
+uninterrupted iterator would have yielded (across epochs and flips), even on another
+number of processes.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from diffusion_jax.data.registry import build_source
+from diffusion_jax.data.sources import DataSource
+
+# Batches read ahead by threads in the process that consumes them.
+_READ_THREADS = 4
+_PREFETCH_BATCHES = 8
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Examples per batch on each process: the global batch split evenly across processes."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"training.batch_size={global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count}); allowed: multiples of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _random_horizontal_flip(example: dict, rng: np.random.Generator) -> dict:
+    """Mirrors the image [H, W, C] left-right with probability 1/2."""
+    if rng.random() < 0.5:
+        return {**example, "x": example["x"][:, ::-1]}
+    return example
+
+
+def _stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def example_stream(
+    source: DataSource,
+    *,
+    seed: int,
+    shuffle: bool,
+    random_flip: bool,
+    num_epochs: int | None,
+) -> grain.MapDataset:
+    """The global stream of examples (see the module docstring); infinite if num_epochs is None."""
+    shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    stream = grain.MapDataset.source(source)
+    if shuffle:
+        stream = stream.shuffle(seed=shuffle_seed)  # epoch e uses seed shuffle_seed + e
+    stream = stream.repeat(num_epochs)
+    if random_flip:
+        stream = stream.random_map(_random_horizontal_flip, seed=flip_seed)  # keyed by n
+    return stream
+
+
+def shard_and_batch(
+    stream: grain.MapDataset,
+    *,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """Batches of this process: batch k holds positions kG + process_index + jP of `stream`."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, {process_count})")
+    batch_size = local_batch_size(global_batch_size, process_count)
+    # A finite stream is cut to whole global batches, so every process yields as many.
+    stream = stream[: len(stream) // global_batch_size * global_batch_size]
+    shard = stream[process_index::process_count]
+    return shard.batch(batch_size, drop_remainder=True, batch_fn=_stack_examples)
+
+
+class DataIterator:
+    """Iterator of batches {"x": float32 [B, ...] in [-1, 1] (images), "label": int32 [B]}.
+
+    "label" is present when `use_labels`. Its state is {"next_batch_index": k, ...}, a
+    JSON-serialisable dict; `set_state` checks it was taken from the same data stream.
+    """
+
+    def __init__(
+        self,
+        batches: grain.MapDataset,
+        *,
+        is_image: bool,
+        use_labels: bool,
+        num_workers: int,
+        stream_identity: dict[str, Any],
+    ):
+        self._batches = batches
+        self._is_image = is_image
+        self._use_labels = use_labels
+        self._num_workers = num_workers
+        self._stream_identity = stream_identity
+        self._next_batch_index = 0
+        self._iterator = None
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __len__(self) -> int:
+        """Number of batches per process (sys.maxsize // B for an endless stream)."""
+        return len(self._batches)
+
+    def _start_reading(self, batch_index: int):
+        batches = self._batches[batch_index:].to_iter_dataset(
+            grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+        )
+        if self._num_workers > 0:
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(self._num_workers))
+        return iter(batches)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start_reading(self._next_batch_index)
+        raw = next(self._iterator)
+        self._next_batch_index += 1
+        x = raw["x"].astype(np.float32)
+        if self._is_image:
+            x = x / np.float32(127.5) - np.float32(1.0)  # [0, 255] -> [-1, 1]
+        batch = {"x": x}
+        if self._use_labels:
+            batch["label"] = raw["label"].astype(np.int32)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_batch_index": self._next_batch_index, **self._stream_identity}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for key, value in self._stream_identity.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"data iterator state has {key}={state.get(key)!r}, but this iterator has "
+                    f"{key}={value!r}: the state belongs to another data stream"
+                )
+        self.close()
+        self._next_batch_index = int(state["next_batch_index"])
+
+    def close(self) -> None:
+        """Stops the reader threads/processes; iteration restarts lazily where it stood."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+
+def make_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    seed: int,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> DataIterator:
+    """This process's batches of `split`: G / P examples each, disjoint across processes.
+
+    Random flips follow `data.random_flip`; labels `data.use_labels`. An endless stream
+    when `num_epochs` is None; otherwise `num_epochs` passes, cut to whole global batches.
+    """
+    local_batch_size(global_batch_size, process_count)  # fail early, naming the option
+    source = build_source(data_config, split=split)
+    stream = example_stream(
+        source,
+        seed=seed,
+        shuffle=shuffle,
+        random_flip=data_config.random_flip,
+        num_epochs=num_epochs,
+    )
+    batches = shard_and_batch(
+        stream,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    stream_identity = {
+        "dataset": data_config.name,
+        "split": split,
+        "num_examples": len(source),
+        "seed": seed,
+        "shuffle": shuffle,
+        "random_flip": bool(data_config.random_flip),
+        "global_batch_size": global_batch_size,
+    }
+    return DataIterator(
+        batches,
+        is_image=source.is_image,
+        use_labels=data_config.use_labels,
+        num_workers=data_config.num_workers,
+        stream_identity=stream_identity,
+    )

@@ -1,0 +1,128 @@
+"""TFDS data sets read through `tfds.data_source`: random access, no TensorFlow at training.
+
+`tfds.data_source` reads the ArrayRecord files of a prepared data set. Preparing one
+(downloading and converting) is a separate, one-off step that needs TensorFlow; if the
+data set is not prepared, or was prepared in another file format, `load_tfds_split`
+raises a FileNotFoundError that gives the exact command to prepare it.
+"""
+
+import functools
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import image_ops
+from diffusion_jax.data.sources import DataSource
+
+CELEB_A_CROP = 140  # score_sde's central crop of the 218x178 CelebA faces
+MNIST_NATIVE_SIZE = 28
+
+
+def prepare_command(tfds_name: str, data_dir: str | None) -> str:
+    """The shell command that downloads `tfds_name` and writes it as ArrayRecord files."""
+    data_dir_arg = "" if data_dir is None else f", data_dir={str(data_dir)!r}"
+    return (
+        'pip install tensorflow && python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder({tfds_name!r}{data_dir_arg})"
+        ".download_and_prepare(file_format='array_record')\""
+    )
+
+
+def _not_prepared_error(
+    tfds_name: str, data_dir: str | None, cause: Exception
+) -> FileNotFoundError:
+    """A FileNotFoundError explaining why `tfds_name` cannot be read and how to fix it."""
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    location = builder.data_dir
+    if builder.is_prepared():
+        reason = (
+            f"TFDS data set {tfds_name!r} at {location} is not in the ArrayRecord format "
+            f"that tfds.data_source needs ({cause}); delete it or choose another data.data_dir"
+        )
+    else:
+        reason = f"TFDS data set {tfds_name!r} is not prepared in {location}"
+    return FileNotFoundError(
+        f"{reason}. Prepare it once with:\n  {prepare_command(tfds_name, data_dir)}"
+    )
+
+
+def load_tfds_split(tfds_name: str, *, split: str, data_dir: str | None):
+    """Random-access `tfds.data_source` of a prepared split (never downloads)."""
+    try:
+        return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f"data.tfds_name={tfds_name!r} is not a registered TFDS data set "
+            "(see tfds.list_builders())"
+        ) from error
+    except ValueError as error:
+        if str(error).startswith("Unknown split"):  # the message lists the splits
+            raise ValueError(
+                f"split {split!r} (data.train_split / data.eval_split) is not available for "
+                f"{tfds_name!r}: {error}"
+            ) from error
+        raise _not_prepared_error(tfds_name, data_dir, error) from error
+    except (FileNotFoundError, NotImplementedError, AssertionError) as error:
+        raise _not_prepared_error(tfds_name, data_dir, error) from error
+
+
+class _DecodeTfdsImage:
+    """TFDS record -> {"x": uint8 [S, S, C], "label": int32}, cropped/padded/resized."""
+
+    def __init__(self, *, size: int, mode: str, has_labels: bool):
+        self.size, self.mode, self.has_labels = size, mode, has_labels
+
+    def __call__(self, record: dict) -> dict[str, np.ndarray]:
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[..., None]
+        if self.mode == "celeb_a":
+            image = image_ops.center_crop_and_resize(
+                image, size=self.size, crop=CELEB_A_CROP, method="bilinear"
+            )
+        elif self.mode == "pad":
+            image = image_ops.pad_to_size(image, size=self.size)
+        else:
+            image = image_ops.center_crop_and_resize(image, size=self.size)
+        if self.has_labels:
+            return {"x": image, "label": np.int32(record["label"])}
+        return {"x": image}
+
+
+def _tfds_image_source(
+    data_config: ml_collections.ConfigDict, split: str, *, tfds_name: str, mode: str
+) -> DataSource:
+    records = load_tfds_split(tfds_name, split=split, data_dir=data_config.data_dir)
+    features = records.dataset_info.features
+    image_channels = features["image"].shape[-1]
+    if image_channels != data_config.num_channels:
+        raise ValueError(
+            f"data.num_channels={data_config.num_channels} does not match {tfds_name!r}, "
+            f"whose images have {image_channels} channel(s); allowed: {image_channels}"
+        )
+    num_classes = features["label"].num_classes if "label" in features else None
+    size = data_config.image_size
+    decode = _DecodeTfdsImage(size=size, mode=mode, has_labels=num_classes is not None)
+    return DataSource(records, decode, (size, size, image_channels), num_classes)
+
+
+def build_tfds(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """Any TFDS image data set `data.tfds_name` with an "image" (and optional "label")
+    feature, center-cropped to a square and resized to `data.image_size`."""
+    return _tfds_image_source(data_config, split, tfds_name=data_config.tfds_name, mode="resize")
+
+
+build_cifar10 = functools.partial(_tfds_image_source, tfds_name="cifar10", mode="resize")
+build_celeb_a = functools.partial(_tfds_image_source, tfds_name="celeb_a", mode="celeb_a")
+
+
+def build_mnist(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """MNIST 28x28x1, zero-padded to `data.image_size` (32: so that U-Nets halve it cleanly
+    down to 4x4; 28 keeps the native size)."""
+    if data_config.image_size < MNIST_NATIVE_SIZE:
+        raise ValueError(
+            f"data.image_size={data_config.image_size} is not allowed for mnist; "
+            f"allowed: sizes >= {MNIST_NATIVE_SIZE} (32 pads 2 black pixels on each side)"
+        )
+    return _tfds_image_source(data_config, split, tfds_name="mnist", mode="pad")
