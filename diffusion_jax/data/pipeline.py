@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from diffusion_jax.data.registry import build_source
 from diffusion_jax.data.sources import DataSource
@@ -121,6 +122,8 @@ class DataIterator:
             grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
         )
         if self._num_workers > 0:
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
+                flags.FLAGS.mark_as_parsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(self._num_workers))
         return iter(batches)
 
