@@ -1,14 +1,18 @@
 """Tests of the input pipelines: real data values, sharding, flips, exact resumption."""
 
 import json
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from scipy.spatial import cKDTree
 from sklearn.datasets import load_digits
 
 from diffusion_jax import data
-from diffusion_jax.data import digits
+from diffusion_jax.data import digits, toy2d
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -248,4 +252,122 @@ def test_bad_options_name_the_option():
             split="train",
             seed=0,
             global_batch_size=8,
+        )
+
+
+# ---------------------------------------------------------------- 2-D toy distributions
+
+
+def _toy_points(distribution: str, num_points: int = 20000) -> np.ndarray:
+    config = _config(
+        name="toy2d", use_labels=False, toy_distribution=distribution, toy_num_points=num_points
+    )
+    iterator = data.make_dataset(
+        config, split="train", seed=0, global_batch_size=1000, shuffle=False, num_epochs=1
+    )
+    points = _concat(list(iterator))
+    assert points.shape == (num_points, 2) and points.dtype == np.float32
+    return points.astype(np.float64)
+
+
+def test_eight_gaussians_have_equal_modes_on_the_circle_of_radius_two():
+    points = _toy_points("eight_gaussians")
+    angles = np.arange(8) * np.pi / 4
+    centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    mode = np.argmin(((points[:, None] - centers[None]) ** 2).sum(-1), axis=1)
+    counts = np.bincount(mode, minlength=8)
+    expected, sigma = len(points) / 8, np.sqrt(len(points) * (1 / 8) * (7 / 8))
+    assert np.all(np.abs(counts - expected) < 5 * sigma), counts
+    for k in range(8):
+        offsets = points[mode == k] - centers[k]
+        np.testing.assert_allclose(offsets.mean(0), 0.0, atol=0.01)
+        np.testing.assert_allclose(offsets.std(0), 0.1, rtol=0.05)
+
+
+def test_checkerboard_is_uniform_on_the_eight_dark_squares():
+    points = _toy_points("checkerboard")
+    assert np.all(np.abs(points) <= 2.0)
+    cells = np.floor(points).astype(int)
+    assert np.all((cells.sum(axis=1) % 2) == 0)
+    _, counts = np.unique(cells, axis=0, return_counts=True)
+    sigma = np.sqrt(len(points) * (1 / 8) * (7 / 8))
+    assert len(counts) == 8 and np.all(np.abs(counts - len(points) / 8) < 5 * sigma)
+    within = points - cells  # uniform on [0, 1)^2: mean 1/2, variance 1/12
+    np.testing.assert_allclose(within.mean(0), 0.5, atol=0.01)
+    np.testing.assert_allclose(within.var(0), 1 / 12, rtol=0.03)
+
+
+def test_swiss_roll_lies_at_gaussian_distance_from_its_curve():
+    points = _toy_points("swiss_roll", 5000)
+    t = np.linspace(1.5 * np.pi, 4.5 * np.pi, 200_001)
+    curve = np.stack([t * np.cos(t), t * np.sin(t)], axis=-1) / 5.0
+    distance, _ = cKDTree(curve).query(points)
+    # The arms are ~1.26 apart, so the nearest-curve distance is |normal noise| ~ |N(0, 0.1^2)|.
+    noise = toy2d.SWISS_ROLL_NOISE
+    np.testing.assert_allclose(distance.mean(), noise * np.sqrt(2 / np.pi), rtol=0.05)
+    np.testing.assert_allclose(np.sqrt((distance**2).mean()), noise, rtol=0.05)
+
+
+def test_toy_info_and_fixed_splits():
+    config = _config(name="toy2d", use_labels=False, toy_num_points=500)
+    info = data.dataset_info(config)
+    assert info == data.DatasetInfo((2,), None, 500)
+    train = data.build_source(config, split="train").records
+    test = data.build_source(config, split="test").records
+    np.testing.assert_array_equal(train, data.build_source(config, split="train").records)
+    assert not np.array_equal(train, test)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 -> [-1, 1] in float32, as the pipeline computes it."""
+    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _write_image(path: pathlib.Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def test_folder_reads_png_and_jpeg_recursively_with_subfolder_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    png = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    _write_image(tmp_path / "cat" / "a.png", png)
+    _write_image(tmp_path / "cat" / "deeper" / "b.PNG", png[:, ::-1])
+    smooth = np.broadcast_to(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], (16, 16, 3))
+    _write_image(tmp_path / "dog" / "c.jpg", np.ascontiguousarray(smooth))
+    _write_image(tmp_path / "dog" / "wide.jpeg", np.full((24, 40, 3), 200, np.uint8))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    config = _config(
+        name="folder", folder_path=str(tmp_path), image_size=16, num_channels=3, num_classes=2
+    )
+    assert data.dataset_info(config) == data.DatasetInfo((16, 16, 3), 2, 4)
+    iterator = data.make_dataset(
+        config, split="train", seed=0, global_batch_size=4, shuffle=False, num_epochs=1
+    )
+    (batch,) = list(iterator)
+    np.testing.assert_array_equal(batch["label"], [0, 0, 1, 1])  # sorted paths, sorted classes
+    np.testing.assert_array_equal(batch["x"][0], _model_range(png))  # lossless PNG: exact
+    np.testing.assert_array_equal(batch["x"][1], _model_range(png[:, ::-1]))
+    np.testing.assert_allclose(batch["x"][2], smooth / 127.5 - 1.0, atol=0.05)  # JPEG: lossy
+    np.testing.assert_allclose(batch["x"][3], 200 / 127.5 - 1.0, atol=0.02)  # cropped, resized
+
+
+def test_folder_with_an_unreadable_file_names_it(tmp_path):
+    _write_image(tmp_path / "good.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    config = _config(
+        name="folder", folder_path=str(tmp_path), use_labels=False, image_size=8, num_channels=3
+    )
+    iterator = data.make_dataset(config, split="train", seed=0, global_batch_size=2, shuffle=False)
+    with pytest.raises(ValueError, match="broken.jpg"):
+        next(iterator)
+    with pytest.raises(FileNotFoundError, match="data.folder_path"):
+        data.make_dataset(
+            _config(name="folder", folder_path=str(tmp_path / "missing"), use_labels=False),
+            split="train",
+            seed=0,
+            global_batch_size=2,
         )
