@@ -120,7 +120,9 @@ def make_diffusion_loss_fn(
                 target=target, weighting=weighting, snr_gamma=snr_gamma,
             )  # fmt: skip
         if loss_type in ("hybrid", "vlb"):
-            vlb_prediction = jax.lax.stop_gradient(prediction) if loss_type == "hybrid" else prediction
+            vlb_prediction = (
+                jax.lax.stop_gradient(prediction) if loss_type == "hybrid" else prediction
+            )
             vlb_output = (
                 jnp.concatenate([vlb_prediction, variance_values], axis=-1)
                 if learned

@@ -38,7 +38,8 @@ def to_x0_eps(
     if prediction == "score":
         eps = -sigma * output
         return (x_t - sigma * eps) / alpha, eps
-    # velocity u = eps - x0: x_t - sigma u = (alpha + sigma) x0, x_t + alpha u = (alpha + sigma) eps.
+    # velocity u = eps - x0:
+    # x_t - sigma u = (alpha + sigma) x0 and x_t + alpha u = (alpha + sigma) eps.
     norm = alpha + sigma
     return (x_t - sigma * output) / norm, (x_t + alpha * output) / norm
 

@@ -105,7 +105,8 @@ def get_betas(
     """Betas of the named schedule (a registry for the names used in configs)."""
     if name not in BETA_SCHEDULES:
         raise ValueError(
-            f"Unknown beta schedule {name!r} (diffusion.schedule); allowed: {sorted(BETA_SCHEDULES)}"
+            f"Unknown beta schedule {name!r} (diffusion.schedule); "
+            f"allowed: {sorted(BETA_SCHEDULES)}"
         )
     betas = BETA_SCHEDULES[name](num_timesteps, **kwargs)
     if zero_terminal_snr:
@@ -217,7 +218,7 @@ def get_log_snr_fn(name: str, **kwargs) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 
 def alpha_sigma_from_log_snr(log_snr: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Variance-preserving (alpha, sigma) with alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+    """Variance-preserving (alpha, sigma): alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
     return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
 
 

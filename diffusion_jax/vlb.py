@@ -55,9 +55,7 @@ def discretized_gaussian_log_likelihood(
     log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
     log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
     log_bin = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return jnp.where(
-        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_bin)
-    )
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 
 def gaussian_log_likelihood(

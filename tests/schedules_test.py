@@ -23,7 +23,13 @@ def _round_like(value: float, printed: str) -> float:
         decimals = len(mantissa.split(".")[1])
         return round(value / 10 ** int(exponent), decimals) * 10 ** int(exponent)
     return round(value, len(printed.split(".")[1]))
-REFERENCE_BETA_RANGE = {"linear": (1e-4, 0.02), "cosine": (4.1284e-05, 0.999), "quadratic": (1e-4, 0.02)}
+
+
+REFERENCE_BETA_RANGE = {
+    "linear": (1e-4, 0.02),
+    "cosine": (4.1284e-05, 0.999),
+    "quadratic": (1e-4, 0.02),
+}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_ALPHAS_CUMPROD))
@@ -41,7 +47,9 @@ def test_beta_endpoints(name):
 
 
 def test_linear_is_exactly_linspace_at_1000_steps():
-    np.testing.assert_array_equal(schedules.get_betas("linear", 1000), np.linspace(1e-4, 0.02, 1000))
+    np.testing.assert_array_equal(
+        schedules.get_betas("linear", 1000), np.linspace(1e-4, 0.02, 1000)
+    )
 
 
 def test_cosine_matches_its_definition_to_1e6():
@@ -78,7 +86,9 @@ def test_zero_terminal_snr_rescaling():
     assert sqrt_after[0] == pytest.approx(sqrt_before[0], rel=1e-12)
     # An affine map of sqrt(alpha_bar): second differences stay proportional.
     scale = (sqrt_after[0] - sqrt_after[-1]) / (sqrt_before[0] - sqrt_before[-1])
-    np.testing.assert_allclose(np.diff(sqrt_after), scale * np.diff(sqrt_before), rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(
+        np.diff(sqrt_after), scale * np.diff(sqrt_before), rtol=1e-8, atol=1e-14
+    )
     assert rescaled[-1] == pytest.approx(1.0)
 
 
@@ -92,9 +102,15 @@ def test_spaced_timesteps_are_valid(spacing):
 
 
 def test_spacings_known_values():
-    np.testing.assert_array_equal(schedules.spaced_timesteps(1000, 4, "leading"), [0, 250, 500, 750])
-    np.testing.assert_array_equal(schedules.spaced_timesteps(1000, 4, "trailing"), [249, 499, 749, 999])
-    np.testing.assert_array_equal(schedules.spaced_timesteps(1000, 4, "linspace"), [0, 333, 666, 999])
+    np.testing.assert_array_equal(
+        schedules.spaced_timesteps(1000, 4, "leading"), [0, 250, 500, 750]
+    )
+    np.testing.assert_array_equal(
+        schedules.spaced_timesteps(1000, 4, "trailing"), [249, 499, 749, 999]
+    )
+    np.testing.assert_array_equal(
+        schedules.spaced_timesteps(1000, 4, "linspace"), [0, 333, 666, 999]
+    )
 
 
 def test_respaced_betas_keep_alphas_cumprod_at_kept_steps():
