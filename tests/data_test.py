@@ -371,3 +371,122 @@ def test_folder_with_an_unreadable_file_names_it(tmp_path):
             seed=0,
             global_batch_size=2,
         )
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+class TinyArrayRecordImages(tfds.core.GeneratorBasedBuilder):
+    """A real (tiny) TFDS data set, prepared as ArrayRecord files without TensorFlow."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # No source file to look up checksums next to (tfds would need importlib_resources).
+    code_path = None
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(24), "test": self._generate_examples(8)}
+
+    def _generate_examples(self, num_examples):
+        for index, (image, label) in enumerate(zip(*_tiny_examples(num_examples), strict=True)):
+            yield index, {"image": image, "label": label}
+
+
+def _tiny_examples(num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(num_examples)
+    return rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8), np.arange(num_examples) % 10
+
+
+def _image_multiset(images: np.ndarray, labels: np.ndarray) -> list:
+    return sorted(zip((image.tobytes() for image in images), labels.tolist(), strict=True))
+
+
+def test_prepared_tfds_data_set_is_read_through_data_source(tmp_path):
+    TinyArrayRecordImages(data_dir=tmp_path, file_format="array_record").download_and_prepare()
+    config = _config(
+        name="tfds",
+        tfds_name="tiny_array_record_images",
+        data_dir=str(tmp_path),
+        image_size=32,
+        num_channels=3,
+        random_flip=True,
+    )
+    assert data.dataset_info(config) == data.DatasetInfo((32, 32, 3), 10, 24)
+    shards = [
+        list(
+            data.make_dataset(
+                config,
+                split="train",
+                seed=4,
+                global_batch_size=8,
+                process_index=index,
+                process_count=2,
+                num_epochs=1,
+            )
+        )
+        for index in range(2)
+    ]
+    images = np.concatenate([_concat(batches) for batches in shards])
+    labels = np.concatenate([_concat(batches, "label") for batches in shards])
+    assert images.shape == (24, 32, 32, 3) and labels.dtype == np.int32
+    expected_images, expected_labels = _tiny_examples(24)
+    unflipped = np.where(  # undo the flips: each image must be its original or its mirror
+        np.isin(
+            [image.tobytes() for image in images],
+            [_model_range(image).tobytes() for image in expected_images],
+        )[:, None, None, None],
+        images,
+        images[:, :, ::-1],
+    )
+    assert _image_multiset(unflipped, labels) == _image_multiset(
+        _model_range(expected_images), expected_labels
+    )
+
+
+def test_unprepared_tfds_data_set_says_how_to_prepare_it(tmp_path):
+    config = _config(name="cifar10", data_dir=str(tmp_path), image_size=32, num_channels=3)
+    with pytest.raises(FileNotFoundError, match="not prepared") as error:
+        data.make_dataset(config, split="train", seed=0, global_batch_size=8)
+    message = str(error.value)
+    assert "tfds.builder('cifar10', data_dir=" in message and str(tmp_path) in message
+    assert "download_and_prepare(file_format='array_record')" in message
+
+
+def test_mocked_cifar10_mnist_and_celeb_a_have_the_documented_shapes():
+    with tfds.testing.mock_data(num_examples=8):
+        cifar10 = _config(name="cifar10", image_size=32, num_channels=3)
+        batch = next(data.make_dataset(cifar10, split="train", seed=0, global_batch_size=8))
+        assert batch["x"].shape == (8, 32, 32, 3) and batch["label"].dtype == np.int32
+        assert np.all(np.abs(batch["x"]) <= 1.0) and np.all(
+            (batch["label"] >= 0) & (batch["label"] < 10)
+        )
+
+        mnist = _config(name="mnist", image_size=32, num_channels=1, random_flip=False)
+        padded = next(
+            data.make_dataset(mnist, split="train", seed=0, global_batch_size=8, shuffle=False)
+        )["x"]
+        native = tfds.data_source("mnist", split="train", download=False)
+        assert padded.shape == (8, 32, 32, 1)
+        np.testing.assert_array_equal(padded[0, 2:30, 2:30], _model_range(native[0]["image"]))
+        border = np.ones((32, 32), bool)
+        border[2:30, 2:30] = False
+        assert np.all(padded[:, border] == -1.0)  # zero padding is black
+
+        celeb_a = _config(name="celeb_a", image_size=64, num_channels=3, use_labels=False)
+        faces = next(data.make_dataset(celeb_a, split="train", seed=0, global_batch_size=8))["x"]
+        assert faces.shape == (8, 64, 64, 3) and np.all(np.abs(faces) <= 1.0)
+        with pytest.raises(ValueError, match="data.use_labels"):
+            data.make_dataset(
+                _config(name="celeb_a", image_size=64, num_channels=3),
+                split="train",
+                seed=0,
+                global_batch_size=8,
+            )

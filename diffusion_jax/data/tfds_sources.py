@@ -29,21 +29,18 @@ def prepare_command(tfds_name: str, data_dir: str | None) -> str:
     )
 
 
-def _not_prepared_error(
-    tfds_name: str, data_dir: str | None, cause: Exception
-) -> FileNotFoundError:
-    """A FileNotFoundError explaining why `tfds_name` cannot be read and how to fix it."""
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-    location = builder.data_dir
+def _not_prepared_error(builder: tfds.core.DatasetBuilder, data_dir: str | None) -> Exception:
+    """FileNotFoundError explaining that `builder`'s data cannot be read and how to fix it."""
     if builder.is_prepared():
         reason = (
-            f"TFDS data set {tfds_name!r} at {location} is not in the ArrayRecord format "
-            f"that tfds.data_source needs ({cause}); delete it or choose another data.data_dir"
+            f"TFDS data set {builder.name!r} at {builder.data_dir} is prepared in the "
+            f"{builder.info.file_format} format, not the ArrayRecord format that "
+            "tfds.data_source needs; delete it or choose another data.data_dir"
         )
     else:
-        reason = f"TFDS data set {tfds_name!r} is not prepared in {location}"
+        reason = f"TFDS data set {builder.name!r} is not prepared in {builder.data_dir}"
     return FileNotFoundError(
-        f"{reason}. Prepare it once with:\n  {prepare_command(tfds_name, data_dir)}"
+        f"{reason}. Prepare it once with:\n  {prepare_command(builder.name, data_dir)}"
     )
 
 
@@ -56,15 +53,18 @@ def load_tfds_split(tfds_name: str, *, split: str, data_dir: str | None):
             f"data.tfds_name={tfds_name!r} is not a registered TFDS data set "
             "(see tfds.list_builders())"
         ) from error
-    except ValueError as error:
+    except Exception as error:
         if str(error).startswith("Unknown split"):  # the message lists the splits
             raise ValueError(
                 f"split {split!r} (data.train_split / data.eval_split) is not available for "
                 f"{tfds_name!r}: {error}"
             ) from error
-        raise _not_prepared_error(tfds_name, data_dir, error) from error
-    except (FileNotFoundError, NotImplementedError, AssertionError) as error:
-        raise _not_prepared_error(tfds_name, data_dir, error) from error
+        # tfds fails in several ways (KeyError, NotImplementedError, ...) on missing data.
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+        if builder.is_prepared() and builder.info.file_format == array_record:
+            raise  # the data is there: this is another problem
+        raise _not_prepared_error(builder, data_dir) from error
 
 
 class _DecodeTfdsImage:
