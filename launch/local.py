@@ -120,8 +120,8 @@ def run_processes(
 def _wait_all(processes: Sequence[subprocess.Popen], *, timeout: float | None) -> None:
     """Waits until all exit, or one fails (then terminates the rest), or `timeout` passes."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while any(p.poll() is None for p in processes):
-        if any(p.returncode not in (None, 0) for p in processes):
+    while None in (returncodes := [p.poll() for p in processes]):  # poll every process
+        if any(code not in (None, 0) for code in returncodes):
             for process in processes:
                 if process.poll() is None:
                     process.terminate()

@@ -132,7 +132,9 @@ def sbatch_script(
     if wiring == "explicit":
         port_expression = str(port) if port else PORT_FROM_JOB_ID
         lines += [
-            'COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            # `sed -n 1p` reads every line: `head -n 1` would exit early, SIGPIPE scontrol and,
+            # under pipefail, fail the job.
+            'COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
             f'export COORDINATOR_ADDRESS="$COORDINATOR_HOST:{port_expression}"',
             'echo "jax.distributed coordinator: $COORDINATOR_ADDRESS"',
         ]
