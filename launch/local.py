@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 if __package__ in (None, ""):  # run as `python launch/local.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,7 +71,7 @@ def process_commands(main_argv: Sequence[str], *, num_processes: int, port: int)
     ]
 
 
-def _relay(process_id: int, stream, sink) -> None:
+def _relay(process_id: int, stream: TextIO, sink: TextIO) -> None:
     for line in stream:
         sink.write(f"[{process_id}] {line}")
         sink.flush()
@@ -80,7 +81,7 @@ def run_processes(
     commands: Sequence[Sequence[str]],
     *,
     env: Mapping[str, str],
-    sink=sys.stdout,
+    sink: TextIO | None = None,
     timeout: float | None = None,
 ) -> list[int]:
     """Starts every command, relays their prefixed output, returns their exit codes.
@@ -88,6 +89,7 @@ def run_processes(
     When one fails the others are terminated: they would otherwise wait forever in a
     collective for the process that is gone.
     """
+    sink = sys.stdout if sink is None else sink
     processes = [
         subprocess.Popen(
             list(command),

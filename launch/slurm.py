@@ -100,6 +100,13 @@ def task_command(
         raise ValueError(f"wiring {wiring!r}: must be one of {', '.join(WIRINGS)}")
     if process_per not in PROCESS_PER:
         raise ValueError(f"process_per {process_per!r}: must be one of {', '.join(PROCESS_PER)}")
+    if (wiring, process_per) == ("auto", "node"):
+        # diffusion_jax.parallel.initialize_distributed passes local_device_ids only with a
+        # coordinator address, and jax alone would use 1 GPU per node under SLURM.
+        raise ValueError(
+            "wiring 'auto' with process_per 'node' would use one GPU per node; "
+            "use wiring 'explicit' (or process_per 'gpu')"
+        )
     parts = [shlex.join(main_argv)]
     if wiring == "explicit":
         parts += [
