@@ -1,0 +1,202 @@
+"""Checkpoints of a run: the train state and the data iterator's position, saved together.
+
+Orbax writes each checkpoint asynchronously into `workdir/checkpoints/<step>` (state with
+`StandardSave`, the iterator state with `JsonSave`) and keeps the last K. A checkpoint is
+committed only once fully written, so a process killed mid-save leaves the previous one
+intact. On restore:
+
+- a checkpoint whose parameters differ in names or shapes from the current model is
+  refused with a `ValueError` that names the differences (the workdir belongs to another
+  model); nothing is deleted;
+- a checkpoint that cannot be read is moved to `workdir/corrupted_checkpoints/<step>` with
+  a warning, and the previous one is tried.
+
+Restoring uses the shardings of the current mesh, so a run can continue on another number
+of devices.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPTED_DIR = "corrupted_checkpoints"
+
+
+def make_checkpoint_manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
+    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints."""
+    if keep < 1:
+        raise ValueError(f"training.keep_checkpoints={keep} must be >= 1")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True
+    )
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def _leaf_name(path) -> str:
+    return ".".join(
+        str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path
+    )
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"params.conv_in.kernel": shape, ...} for every array leaf of a pytree."""
+    return {
+        _leaf_name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _check_floats_finite(state) -> None:
+    for name, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
+                raise FloatingPointError(
+                    f"refusing to save a checkpoint: {_leaf_name(name)} holds non-finite values"
+                )
+
+
+def save(
+    manager: ocp.CheckpointManager, state, data_state: dict, *, step: int, force: bool = False
+) -> bool:
+    """Start an asynchronous save of (state, data iterator state); never a non-finite state."""
+    _check_floats_finite(state.params)
+    _check_floats_finite(state.ema_params)
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+    )
+
+
+def describe_mismatch(saved: dict, expected: dict) -> str:
+    """The parameters missing, unexpected or of another shape (at most 5 of each)."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [
+        f"{name}: saved {saved[name]}, model {expected[name]}"
+        for name in sorted(set(saved) & set(expected))
+        if saved[name] != expected[name]
+    ]
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
+        if names:
+            parts.append(f"{label}: " + "; ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+    return " | ".join(parts)
+
+
+def _check_same_model(manager: ocp.CheckpointManager, step: int, target) -> None:
+    metadata = manager.item_metadata(step)["state"]
+    saved = leaf_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+    mismatch = describe_mismatch(saved, leaf_shapes(target))
+    if mismatch:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} belongs to a different model "
+            f"or training setup ({mismatch}). Use another --workdir, or restore the config "
+            "that wrote it."
+        )
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    if jax.process_index() == 0:
+        corrupted = manager.directory.parent / CORRUPTED_DIR
+        corrupted.mkdir(exist_ok=True)
+        destination = corrupted / str(step)
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.move(str(manager.directory / str(step)), str(destination))
+    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+
+
+def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict] | None:
+    """(state, data iterator state) of the newest readable checkpoint, or None if there is none.
+
+    `target` is the abstract state (`jax.ShapeDtypeStruct`s with the shardings to restore
+    onto).
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            _check_same_model(manager, step, target)
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as error:
+            if "belongs to a different model" in str(error):
+                raise
+            _warn_corrupted(manager, step, error)
+            continue
+        except Exception as error:  # noqa: BLE001  (any read failure means a damaged checkpoint)
+            _warn_corrupted(manager, step, error)
+            continue
+        return restored["state"], restored["data"]
+    return None
+
+
+def _warn_corrupted(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    logging.warning(
+        "Checkpoint %d in %s cannot be read (%s: %s); moving it to %s and trying the previous one.",
+        step,
+        manager.directory,
+        type(error).__name__,
+        str(error)[:300],
+        manager.directory.parent / CORRUPTED_DIR,
+    )
+    _set_aside(manager, step)
+
+
+class SigtermFlag:
+    """Records SIGTERM (the usual notice of preemption) instead of dying at once.
+
+    The training loop polls `requested`, saves a checkpoint and returns. Single-process runs
+    only: multi-host runs use JAX's preemption sync point, so that all processes stop at the
+    same step. Restores the previous handler on `close`.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def preemption_requested(manager: ocp.CheckpointManager, flag: SigtermFlag, step: int) -> bool:
+    """Whether to save and stop now: SIGTERM (one process) or the pod's sync point."""
+    if jax.process_count() == 1:
+        return flag.requested
+    return bool(manager.reached_preemption(step))
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Steps of the committed checkpoints in a workdir (for tests and tools)."""
+    directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())

@@ -1,0 +1,52 @@
+"""Command-line entry point: train, evaluate or sample with a config file.
+
+    python -m diffusion_jax.main --config configs/cifar10.py --workdir /tmp/cifar10
+    python -m diffusion_jax.main --config configs/digits.py:tiny --workdir /tmp/d \
+        --config.training.num_steps=100
+    python -m diffusion_jax.main --config configs/cifar10.py --workdir /tmp/cifar10 --mode sample
+
+The same command runs on one CPU, one GPU, eight TPU cores or a TPU pod. This file is
+intentionally kept short: each mode is one function call.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import parallel
+
+MODES = ("train", "eval", "sample")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file, e.g. configs/cifar10.py (or configs/cifar10.py:tiny).",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    parallel.initialize_distributed(config.parallel)
+    logging.info("Config:\n%s", config)
+    if FLAGS.mode == "train":
+        from diffusion_jax import train
+
+        train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+        from diffusion_jax import sampling_run
+
+        sampling_run.sample(config, FLAGS.workdir)
+    else:
+        from diffusion_jax.evaluation import run as evaluation_run
+
+        evaluation_run.evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,119 @@
+"""What a run reports: TensorBoard events, a JSON-lines file, a console progress line, images.
+
+Only process 0 writes. TensorBoard event files are written by tensorboardX (no TensorFlow
+needed): `tensorboard --logdir WORKDIR`. `WORKDIR/metrics.jsonl` holds one JSON object per
+logged step, e.g. {"step": 100, "loss": 0.05, "img_per_s": 410.2}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+from PIL import Image
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def image_grid(images: np.ndarray, *, columns: int | None = None) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> one uint8 image [rows * (H + 1) + 1, ..., C] with 1px borders."""
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    pixels = np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    grid = np.zeros((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), np.uint8)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
+        grid[top : top + height, left : left + width] = pixels[index]
+    return grid
+
+
+def scatter_image(
+    points: np.ndarray, *, size: int = 256, extent: float = 3.0, reference: np.ndarray | None = None
+) -> np.ndarray:
+    """2-D points [N, 2] drawn as a uint8 RGB image [size, size, 3] of [-extent, extent]^2.
+
+    Samples are black, `reference` points (the data) light grey underneath.
+    """
+    image = np.full((size, size, 3), 255, np.uint8)
+    for cloud, colour in ((reference, 200), (points, 0)):
+        if cloud is None:
+            continue
+        pixel = np.floor((np.asarray(cloud) + extent) / (2 * extent) * size).astype(int)
+        inside = np.all((pixel >= 0) & (pixel < size), axis=1)
+        columns, rows = pixel[inside, 0], size - 1 - pixel[inside, 1]  # y axis points up
+        image[rows, columns] = colour
+    return image
+
+
+def write_png(path: str | pathlib.Path, image: np.ndarray) -> None:
+    """Write a uint8 image [H, W, C] (C = 1 or 3) as PNG."""
+    image = np.asarray(image)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours:d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def progress_line(
+    step: int, num_steps: int, *, loss: float, img_per_s: float, eta_s: float, width: int = 20
+) -> str:
+    """'step 120/1000 [##----] loss 0.0312 | 410 img/s | ETA 0:03:12'."""
+    done = int(width * step / max(num_steps, 1))
+    bar = "#" * done + "-" * (width - done)
+    return (
+        f"step {step}/{num_steps} [{bar}] loss {loss:.4f} | {img_per_s:.0f} img/s | "
+        f"ETA {format_duration(eta_s)}"
+    )
+
+
+class MetricsWriter:
+    """Scalars to TensorBoard and metrics.jsonl, images to TensorBoard, progress to the console."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool, progress_bar: bool):
+        self.workdir = pathlib.Path(workdir)
+        self.enabled = enabled
+        self.progress_bar = progress_bar
+        self._summary = None
+        self._jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._summary = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._jsonl = open(self.workdir / METRICS_FILE, "a")  # noqa: SIM115
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._summary.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.enabled:
+            self._summary.add_image(name, np.asarray(image), step, dataformats="HWC")
+
+    def progress(
+        self, step: int, num_steps: int, *, loss: float, img_per_s: float, steps_per_s: float
+    ) -> None:
+        """One console line; on a terminal it rewrites itself."""
+        if not (self.enabled and self.progress_bar):
+            return
+        eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else 0.0
+        line = progress_line(step, num_steps, loss=loss, img_per_s=img_per_s, eta_s=eta)
+        end = "\r" if sys.stdout.isatty() and step < num_steps else "\n"
+        print(line, end=end, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._summary.close()
+            self._jsonl.close()
