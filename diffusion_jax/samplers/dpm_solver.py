@@ -128,7 +128,7 @@ class _Solver:
         r1 = (lambdas[1] - lambdas[2]) / h
         d1_1 = (models[1] - models[2]) / r1
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
+        d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
         return x_t - c_t * (_phi_2(h_hat) * d1 + _phi_3(h_hat) * d2)
 
 
