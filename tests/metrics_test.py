@@ -104,7 +104,7 @@ def test_mmd2_unbiased_matches_explicit_sums():
 
 
 def test_kid_is_unbiased_for_one_distribution():
-    """Mean over many independent pairs of equal-distribution sets is ~0 (the V-statistic is not)."""
+    """Mean over many independent pairs of same-distribution sets is ~0; the V-statistic is not."""
     rng = np.random.default_rng(6)
     unbiased, biased = [], []
     for _ in range(300):

@@ -22,6 +22,7 @@ See docs/evaluation.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -307,6 +308,7 @@ def unflatten_variables(flat: Mapping[str, np.ndarray]) -> dict:
     return nested
 
 
+@functools.cache
 def expected_variable_shapes() -> dict[str, tuple[int, ...]]:
     """Flattened name -> shape of every variable of FIDInceptionV3 (no computation)."""
     abstract = jax.eval_shape(

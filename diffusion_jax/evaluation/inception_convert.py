@@ -140,9 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch_weights, args.out, allow_nonstandard_weights=args.allow_nonstandard_weights
     )
     print(f"wrote {info.path}\n  source_sha256  {info.source_sha256}")
-    print(
-        f"  content_digest {info.content_digest}\n  standard FID weights: {info.is_standard_fid_weights}"
-    )
+    print(f"  content_digest {info.content_digest}")
+    print(f"  standard FID weights: {info.is_standard_fid_weights}")
 
 
 if __name__ == "__main__":
