@@ -1,0 +1,243 @@
+"""The denoiser networks (U-Net, DiT, residual MLP), built from the ``model`` config section.
+
+``build_model(config.model)`` validates the section and returns a Flax module with
+``apply({"params": params}, x, t, label=None, train=False, rngs={"dropout": key})``.
+Every error names the config option at fault, so it can be fixed from the command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax.models.dit import DIT_PATCH_SIZES, DIT_SIZES, DiT
+from diffusion_jax.models.layers import COMPUTE_DTYPES, TIME_EMBEDDINGS
+from diffusion_jax.models.mlp import MLPDenoiser
+from diffusion_jax.models.unet import UNet
+
+__all__ = [
+    "MODEL_BUILDERS",
+    "build_model",
+    "count_params",
+    "dit_dimensions",
+    "forward_flops",
+    "init_params",
+    "output_channels",
+    "sample_shape",
+]
+
+
+def output_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels the network outputs: ``out_channels``, doubled when ``learn_sigma`` (the
+    Improved-DDPM interpolation weights v of Nichol & Dhariwal 2021, Eq. 15)."""
+    return config.out_channels * (2 if config.learn_sigma else 1)
+
+
+def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one input example: ``(data_dim,)`` for the MLP, ``(H, W, C)`` for images."""
+    if config.name == "mlp":
+        return (config.data_dim,)
+    return (config.image_size, config.image_size, config.in_channels)
+
+
+def _check_common(config: ml_collections.ConfigDict) -> None:
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype={config.dtype!r}; allowed: {tuple(COMPUTE_DTYPES)}")
+    if config.num_classes < 0:
+        raise ValueError(f"model.num_classes={config.num_classes} must be >= 0 (0: unconditional)")
+    if config.out_channels < 1:
+        raise ValueError(f"model.out_channels={config.out_channels} must be >= 1")
+    if config.time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(
+            f"model.time_embedding={config.time_embedding!r}; allowed: {TIME_EMBEDDINGS}"
+        )
+
+
+def _check_unet_sizes(config: ml_collections.ConfigDict) -> list[int]:
+    """Checks image size against the down-sampling; returns the resolutions that occur."""
+    ch_mult = tuple(config.ch_mult)
+    if not ch_mult or min(ch_mult) < 1:
+        raise ValueError(f"model.ch_mult={ch_mult} must be a non-empty tuple of positive ints")
+    if config.num_res_blocks < 1:
+        raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 1")
+    factor = 2 ** (len(ch_mult) - 1)
+    if config.image_size < factor or config.image_size % factor != 0:
+        raise ValueError(
+            f"model.image_size={config.image_size} is not divisible by {factor}, the "
+            f"down-sampling factor of model.ch_mult={ch_mult}; allowed: multiples of {factor}"
+        )
+    resolutions = [config.image_size // 2**level for level in range(len(ch_mult))]
+    missing = [r for r in config.attn_resolutions if r not in resolutions]
+    if missing:
+        raise ValueError(
+            f"model.attn_resolutions={tuple(config.attn_resolutions)} never occurs for "
+            f"image_size={config.image_size} with ch_mult={ch_mult}; resolutions that occur: "
+            + ", ".join(str(r) for r in resolutions)
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"model.dropout={config.dropout} must be in [0, 1)")
+    return resolutions
+
+
+def _check_unet_channels(config: ml_collections.ConfigDict, resolutions: list[int]) -> None:
+    widths = [config.ch] + [config.ch * m for m in config.ch_mult]
+    bad = [w for w in widths if w % config.norm_groups != 0]
+    if bad:
+        raise ValueError(
+            f"model.norm_groups={config.norm_groups} does not divide the channel counts {bad} "
+            f"(ch={config.ch}, ch_mult={tuple(config.ch_mult)}); allowed: a common divisor "
+            f"of {sorted(set(widths))}"
+        )
+    attn_widths = {config.ch * config.ch_mult[-1]} | {
+        config.ch * m
+        for r, m in zip(resolutions, config.ch_mult, strict=True)
+        if r in config.attn_resolutions
+    }
+    for width in sorted(attn_widths):
+        if config.head_channels > 0 and width % config.head_channels != 0:
+            raise ValueError(
+                f"model.head_channels={config.head_channels} does not divide the attention "
+                f"width {width}; allowed: a divisor of {sorted(attn_widths)} or -1"
+            )
+        if config.head_channels <= 0 and (config.num_heads < 1 or width % config.num_heads):
+            raise ValueError(
+                f"model.num_heads={config.num_heads} does not divide the attention width "
+                f"{width}; allowed: a divisor of {sorted(attn_widths)}"
+            )
+
+
+def _build_unet(config: ml_collections.ConfigDict) -> nn.Module:
+    resolutions = _check_unet_sizes(config)
+    _check_unet_channels(config, resolutions)
+    return UNet(
+        ch=config.ch,
+        ch_mult=tuple(config.ch_mult),
+        num_res_blocks=config.num_res_blocks,
+        attn_resolutions=tuple(config.attn_resolutions),
+        out_channels=output_channels(config),
+        num_heads=config.num_heads,
+        head_channels=config.head_channels,
+        dropout=config.dropout,
+        resblock_updown=config.resblock_updown,
+        use_scale_shift_norm=config.use_scale_shift_norm,
+        conv_resample=config.conv_resample,
+        time_embedding=config.time_embedding,
+        fourier_scale=config.fourier_scale,
+        norm_groups=config.norm_groups,
+        num_classes=config.num_classes,
+        dtype=COMPUTE_DTYPES[config.dtype],
+        remat=config.remat,
+    )
+
+
+def dit_dimensions(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Depth, width, heads and patch size of a DiT config: ``variant`` ("S/2", "XL/8", ...,
+    Table 1 of Peebles & Xie 2023, or "" for none) gives them, and any of ``depth``,
+    ``hidden_size``, ``num_heads``, ``patch_size`` set > 0 overrides the variant's value."""
+    dims = {"depth": 0, "hidden_size": 0, "num_heads": 0, "patch_size": 0}
+    if config.variant:
+        size, _, patch = config.variant.partition("/")
+        allowed = [f"{s}/{p}" for s in DIT_SIZES for p in DIT_PATCH_SIZES]
+        if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in DIT_PATCH_SIZES:
+            raise ValueError(f"model.variant={config.variant!r}; allowed: {allowed} or ''")
+        dims["depth"], dims["hidden_size"], dims["num_heads"] = DIT_SIZES[size]
+        dims["patch_size"] = int(patch)
+    for key in dims:
+        if config[key] > 0:
+            dims[key] = config[key]
+        if dims[key] < 1:
+            raise ValueError(f"model.{key}={config[key]} must be > 0 when model.variant=''")
+    return dims
+
+
+def _build_dit(config: ml_collections.ConfigDict) -> nn.Module:
+    dims = dit_dimensions(config)
+    if config.image_size % dims["patch_size"] != 0:
+        raise ValueError(
+            f"model.image_size={config.image_size} is not divisible by the patch size "
+            f"{dims['patch_size']} (model.patch_size / model.variant={config.variant!r})"
+        )
+    if dims["hidden_size"] % dims["num_heads"] != 0 or dims["hidden_size"] % 4 != 0:
+        raise ValueError(
+            f"model.hidden_size={dims['hidden_size']} must be divisible by 4 and by "
+            f"model.num_heads={dims['num_heads']}"
+        )
+    return DiT(
+        patch_size=dims["patch_size"],
+        hidden_size=dims["hidden_size"],
+        depth=dims["depth"],
+        num_heads=dims["num_heads"],
+        out_channels=output_channels(config),
+        mlp_ratio=config.mlp_ratio,
+        num_classes=config.num_classes,
+        time_embedding=config.time_embedding,
+        fourier_scale=config.fourier_scale,
+        dtype=COMPUTE_DTYPES[config.dtype],
+        remat=config.remat,
+    )
+
+
+def _build_mlp(config: ml_collections.ConfigDict) -> nn.Module:
+    for key in ("data_dim", "hidden_size", "num_layers"):
+        if config[key] < 1:
+            raise ValueError(f"model.{key}={config[key]} must be >= 1")
+    if config.hidden_size % 2 != 0:
+        raise ValueError(f"model.hidden_size={config.hidden_size} must be even")
+    return MLPDenoiser(
+        out_channels=output_channels(config),
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        time_embedding=config.time_embedding,
+        fourier_scale=config.fourier_scale,
+        num_classes=config.num_classes,
+        dtype=COMPUTE_DTYPES[config.dtype],
+    )
+
+
+MODEL_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "unet": _build_unet,
+    "dit": _build_dit,
+    "mlp": _build_mlp,
+}
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """Validates the ``model`` config section and builds the network it names."""
+    if config.name not in MODEL_BUILDERS:
+        raise ValueError(f"model.name={config.name!r}; allowed: {tuple(MODEL_BUILDERS)}")
+    _check_common(config)
+    return MODEL_BUILDERS[config.name](config)
+
+
+def _dummy_inputs(model: nn.Module, shape: tuple[int, ...]):
+    x = jnp.zeros(shape, jnp.float32)
+    t = jnp.zeros(shape[:1], jnp.float32)
+    label = jnp.zeros(shape[:1], jnp.int32) if model.num_classes > 0 else None
+    return x, t, label
+
+
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array):
+    """Float32 parameters of ``model``, initialised on a dummy batch of one example."""
+    x, t, label = _dummy_inputs(model, (1, *sample_shape(config)))
+    return jax.jit(lambda key: model.init({"params": key}, x, t, label)["params"])(rng)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter pytree."""
+    return int(sum(np.prod(np.shape(leaf), dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def forward_flops(model: nn.Module, params, batch_shape: tuple[int, ...]) -> float:
+    """Forward FLOPs per example (inference mode), from XLA's cost analysis of the compiled
+    ``apply`` on a batch of ``batch_shape`` (for example ``(8, 32, 32, 3)``)."""
+    x, t, label = _dummy_inputs(model, tuple(batch_shape))
+    apply = jax.jit(lambda p, x, t, label: model.apply({"params": p}, x, t, label))
+    cost = apply.lower(params, x, t, label).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per program
+        cost = cost[0]
+    return float(cost["flops"]) / batch_shape[0]
