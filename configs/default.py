@@ -121,6 +121,22 @@ def eval_config() -> ml_collections.ConfigDict:
     eval_.batch_size = 128
     eval_.num_batches = 4  # bits/dim on this many batches of data.eval_split
     eval_.decoder = "discretized"  # "discretized" (8-bit images) | "gaussian" (continuous data)
+    # --mode=eval (diffusion_jax/evaluation/run.py): the parameters are sampling.ema_index's.
+    eval_.sampler = "ddim"  # sample-quality metrics: one run per num_steps x eta
+    eval_.num_steps = (100,)
+    eval_.etas = (0.0,)  # read only by samplers with an eta option (ddim)
+    eval_.num_samples = 10_000  # per setting (FID is customarily reported on 10k or 50k)
+    # any of "frechet" (fid / fd_digits), "kid", "inception_score", "precision_recall"
+    eval_.metrics = ("frechet", "kid", "inception_score", "precision_recall")
+    eval_.extractor = "auto"  # "auto" (digits data: "digits", else "inception") | ...
+    eval_.inception_weights = ""  # converted FID InceptionV3 .npz (docs/evaluation.md)
+    eval_.reference_split = "train"  # data split the samples are compared with
+    eval_.likelihoods = ("vlb",)  # any of "vlb" (discrete bound), "ode" (probability-flow ODE)
+    eval_.num_bins = 256  # levels of the discrete data, for ODE dequantization; 0: continuous
+    eval_.ode_divergence = "rademacher"  # "rademacher" | "gaussian" (Hutchinson) | "exact"
+    eval_.ode_rtol = 1e-5
+    eval_.ode_atol = 1e-5
+    eval_.seed = 0
     return eval_
 
 
@@ -174,6 +190,8 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     config.sampling.batch_size = 16
     config.eval.batch_size = 8
     config.eval.num_batches = 1
+    config.eval.num_steps = (10,)
+    config.eval.num_samples = 128
 
 
 def finalize(config: ml_collections.ConfigDict, size: str = "") -> ml_collections.ConfigDict:
