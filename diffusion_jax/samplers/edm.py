@@ -86,7 +86,8 @@ def make_edm_sampler(
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             churn = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma, 0.0)
             sigma_hat = sigma * (1.0 + churn)
-            extra_noise = jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise
+            # sqrt(sigma_hat^2 - sigma^2), written so that it is exactly 0 without churn.
+            extra_noise = sigma * jnp.sqrt(churn * (2.0 + churn)) * s_noise
             x_hat = x + extra_noise * common.step_noise(rng, i, x)
             slope = (x_hat - denoise(model_fn, x_hat, sigma_hat, cond)) / sigma_hat
             x_next = x_hat + (sigma_next - sigma_hat) * slope

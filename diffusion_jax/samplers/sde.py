@@ -25,14 +25,15 @@ def _drift_diffusion(schedule, x0_eps_fn, model_fn, x, t, cond):
 
 
 def _langevin_step(x, score, noise, *, snr, scale):
-    """Corrector of Algorithm 5 (VP) / 4 (VE) of Song et al., step size from the target SNR.
+    """Corrector of Algorithms 4 (VE) and 5 (VP) of Song et al., step size from the target SNR.
 
-    epsilon = 2 scale (snr ||z|| / ||score||)^2, with norms per sample (the paper's code
-    averages them over the batch, which would couple the samples of a batch).
+    epsilon = 2 scale (snr ||z|| / ||score||)^2 with the norms averaged over the batch, as in
+    the paper's code: per-sample norms would give huge steps to samples near a mode, where the
+    score vanishes (in a few dimensions; in image dimensions the norms concentrate).
     """
     axes = tuple(range(1, x.ndim))
-    score_norm = jnp.sqrt(jnp.sum(score**2, axis=axes, keepdims=True))
-    noise_norm = jnp.sqrt(jnp.sum(noise**2, axis=axes, keepdims=True))
+    score_norm = jnp.mean(jnp.sqrt(jnp.sum(score**2, axis=axes)))
+    noise_norm = jnp.mean(jnp.sqrt(jnp.sum(noise**2, axis=axes)))
     step_size = 2.0 * scale * (snr * noise_norm / score_norm) ** 2
     return x + step_size * score + jnp.sqrt(2.0 * step_size) * noise
 
