@@ -69,7 +69,7 @@ def iddpm_cifar10() -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    """A U-Net small enough for unit and end-to-end tests on CPU (8x8 images, ~60K params)."""
+    """A U-Net small enough for unit and end-to-end tests on CPU (8x8 images, 177K params)."""
     return _unet(
         image_size=8,
         ch=16,

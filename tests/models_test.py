@@ -37,16 +37,23 @@ def _shape_params(config):
     return model, jax.eval_shape(lambda: init_params(model, config, jax.random.PRNGKey(0)))
 
 
-@jax.jit
-def _perturbed(params, scale: float = 0.05, seed: int = 1):
-    """Adds noise to every parameter, so zero-initialised layers stop hiding the network."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    noisy = [
-        leaf + scale * jax.random.normal(k, leaf.shape)
-        for leaf, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noisy)
+def _random_params(config, seed: int = 1):
+    """Random parameters of the network's shapes, drawn on the host (compiling JAX's RNG for
+    every leaf is slow on CPU): kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.05^2), biases
+    N(0, 0.05^2), embeddings N(0, 1). Unlike the initial ones, no layer is zero."""
+    rng = np.random.default_rng(seed)
+    shapes = _shape_params(config)[1]
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if "kernel" in name:
+            return jnp.asarray(noise / np.sqrt(np.prod(leaf.shape[:-1])))
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.05 * noise)
+        return jnp.asarray(noise if "embedding" in name else 0.05 * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _with(make_config, **overrides):
@@ -94,7 +101,8 @@ def test_dit_parameter_counts_match_paper_table_1(variant, published):
 
 
 def test_ddpm_cifar10_forward_flops_match_reference():
-    # About 12.2 GFLOPs (6.1 GMACs) per 32x32 image (REFERENCE.md); measured 11.67 GFLOPs.
+    # About 12.2 GFLOPs (6.1 GMACs) per 32x32 image (REFERENCE.md). XLA measures 11.67 GFLOPs:
+    # it skips convolution taps on the zero padding (the dense count is 2 x 6.22 GMACs).
     model, params = _shape_params(presets.ddpm_cifar10())
     flops = forward_flops(model, params, (2, 32, 32, 3))
     assert abs(flops - 12.2e9) <= 0.10 * 12.2e9
@@ -148,7 +156,7 @@ def test_bfloat16_output_is_finite_and_close_to_float32(make_config):
     model32 = build_model(config)
     config.dtype = "bfloat16"
     model16 = build_model(config)
-    params = _perturbed(init_params(model32, config, jax.random.PRNGKey(0)))
+    params = _random_params(config)
     x, t, label = _inputs(config)
     out32 = jax.jit(model32.apply)({"params": params}, x, t, label)
     out16 = jax.jit(model16.apply)({"params": params}, x, t, label)
@@ -163,7 +171,7 @@ def test_output_depends_on_time_and_label_and_apply_compiles_once(make_config):
     chex.clear_trace_counter()
     config = make_config(num_classes=3)
     model = build_model(config)
-    params = _perturbed(init_params(model, config, jax.random.PRNGKey(0)))
+    params = _random_params(config)
     apply = jax.jit(
         chex.assert_max_traces(n=1)(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
     )
@@ -177,10 +185,11 @@ def test_output_depends_on_time_and_label_and_apply_compiles_once(make_config):
     assert float(jnp.max(jnp.abs(base - relabelled)[1])) > 1e-4
 
 
-def test_dropout_is_active_only_in_training():
+def test_dropout_is_active_only_in_training_also_under_remat():
     config = presets.tiny()
+    config.remat = True  # dropout keys must flow through the rematerialised blocks
     model = build_model(config)
-    params = _perturbed(init_params(model, config, jax.random.PRNGKey(0)))
+    params = _random_params(config)
     x, t, _ = _inputs(config)
     jitted_apply = jax.jit(model.apply, static_argnames="train")
     apply = lambda train, seed: jitted_apply(
@@ -194,7 +203,7 @@ def test_remat_changes_neither_output_nor_gradient():
     config = presets.tiny()
     config.dropout = 0.0
     model = build_model(config)
-    params = _perturbed(init_params(model, config, jax.random.PRNGKey(0)))
+    params = _random_params(config)
     config.remat = True
     remat_model = build_model(config)
     x, t, _ = _inputs(config)
@@ -202,7 +211,8 @@ def test_remat_changes_neither_output_nor_gradient():
     value, grads = jax.jit(jax.value_and_grad(loss(model)))(params)
     remat_value, remat_grads = jax.jit(jax.value_and_grad(loss(remat_model)))(params)
     np.testing.assert_allclose(remat_value, value, rtol=1e-5)
-    chex.assert_trees_all_close(remat_grads, grads, rtol=1e-4, atol=1e-6)
+    for remat_grad, grad in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(remat_grad, grad, atol=1e-4 * float(jnp.max(jnp.abs(grad))))
 
 
 @pytest.mark.parametrize(
@@ -216,7 +226,7 @@ def test_unet_variants_run_and_are_finite(overrides):
     config = presets.tiny()
     config.update(overrides)
     model = build_model(config)
-    params = _perturbed(init_params(model, config, jax.random.PRNGKey(0)))
+    params = _random_params(config)
     x, t, label = _inputs(config)
     out = jax.jit(model.apply)({"params": params}, x, t / 1000.0, label)
     assert out.shape == (*x.shape[:-1], output_channels(config))

@@ -4,8 +4,10 @@ The input [B, H, W, C] (pixels, or latents with any channel count) is cut into p
 patches, linearly embedded and given fixed 2-D sine-cosine position embeddings; ``depth``
 transformer blocks are modulated by the sum of the time and class embeddings (adaLN-Zero,
 Sec. 3.2); a final adaptive LayerNorm and linear layer map each token back to a p x p x out
-patch. Label dropout for classifier-free guidance is done by the loss, not here: the label
-table simply has ``num_classes + 1`` rows, the last one the "null" class.
+patch. The time embedding is DDPM's sinusoidal one (sin before cos, frequencies
+``10000^(-k/(half-1))``), a harmless variant of DiT's (cos before sin, ``/half``).
+Label dropout for classifier-free guidance is done by the loss, not here: the label table
+has ``num_classes + 1`` rows, the last one the "null" class.
 """
 
 from __future__ import annotations
