@@ -172,12 +172,13 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         config.model.hidden_size = 64
         config.model.num_layers = 2
     else:
-        num_classes = config.model.num_classes
+        num_classes, learn_sigma = config.model.num_classes, config.model.learn_sigma
         config.model = models.tiny()
         config.model.image_size = config.data.image_size
         config.model.in_channels = config.model.out_channels = config.data.num_channels
         config.model.attn_resolutions = (config.data.image_size // 2,)
         config.model.num_classes = num_classes
+        config.model.learn_sigma = learn_sigma
     config.training.batch_size = 8
     config.training.num_steps = 40
     config.training.log_every = 10

@@ -39,7 +39,8 @@ def make_checkpoint_manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.Ch
         max_to_keep=keep, enable_async_checkpointing=True, create=True
     )
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def _leaf_name(path) -> str:
@@ -69,8 +70,7 @@ def save(
     manager: ocp.CheckpointManager, state, data_state: dict, *, step: int, force: bool = False
 ) -> bool:
     """Start an asynchronous save of (state, data iterator state); never a non-finite state."""
-    _check_floats_finite(state.params)
-    _check_floats_finite(state.ema_params)
+    _check_floats_finite({"params": state.params, "ema_params": state.ema_params})
     return manager.save(
         step,
         args=ocp.args.Composite(
@@ -81,12 +81,17 @@ def save(
 
 
 def describe_mismatch(saved: dict, expected: dict) -> str:
-    """The parameters missing, unexpected or of another shape (at most 5 of each)."""
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    """The arrays missing, unexpected or of another shape (at most 5 of each, parameters
+    first)."""
+
+    def params_first(names):
+        return sorted(names, key=lambda name: (not name.startswith("params."), name))
+
+    missing = params_first(set(expected) - set(saved))
+    unexpected = params_first(set(saved) - set(expected))
     reshaped = [
         f"{name}: saved {saved[name]}, model {expected[name]}"
-        for name in sorted(set(saved) & set(expected))
+        for name in params_first(set(saved) & set(expected))
         if saved[name] != expected[name]
     ]
     parts = []

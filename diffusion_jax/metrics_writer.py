@@ -1,8 +1,10 @@
 """What a run reports: TensorBoard events, a JSON-lines file, a console progress line, images.
 
-Only process 0 writes. TensorBoard event files are written by tensorboardX (no TensorFlow
-needed): `tensorboard --logdir WORKDIR`. `WORKDIR/metrics.jsonl` holds one JSON object per
-logged step, e.g. {"step": 100, "loss": 0.05, "img_per_s": 410.2}.
+Only process 0 writes files; every process prints its progress line (their losses agree:
+they train one model on one global batch). TensorBoard event files are written by
+tensorboardX (no TensorFlow needed): `tensorboard --logdir WORKDIR`.
+`WORKDIR/metrics.jsonl` holds one JSON object per logged step, e.g.
+{"step": 100, "loss": 0.05, "img_per_s": 410.2}.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from PIL import Image
 METRICS_FILE = "metrics.jsonl"
 
 
-def image_grid(images: np.ndarray, *, columns: int | None = None) -> np.ndarray:
-    """[N, H, W, C] in [-1, 1] -> one uint8 image [rows * (H + 1) + 1, ..., C] with 1px borders."""
-    count, height, width, channels = images.shape
+def image_grid(images: np.ndarray, *, columns: int | None = None, scale: int = 1) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> one uint8 image with 1px borders, each image enlarged
+    `scale` times by pixel repetition (to look at 8x8 digits)."""
+    pixels = np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    count, height, width, channels = pixels.shape
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    pixels = np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     grid = np.zeros((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), np.uint8)
     for index in range(count):
         row, column = divmod(index, columns)
@@ -78,6 +82,7 @@ class MetricsWriter:
     """Scalars to TensorBoard and metrics.jsonl, images to TensorBoard, progress to the console."""
 
     def __init__(self, workdir: str | pathlib.Path, *, enabled: bool, progress_bar: bool):
+        """`enabled`: write files (process 0); the progress line follows `progress_bar`."""
         self.workdir = pathlib.Path(workdir)
         self.enabled = enabled
         self.progress_bar = progress_bar
@@ -106,7 +111,7 @@ class MetricsWriter:
         self, step: int, num_steps: int, *, loss: float, img_per_s: float, steps_per_s: float
     ) -> None:
         """One console line; on a terminal it rewrites itself."""
-        if not (self.enabled and self.progress_bar):
+        if not self.progress_bar:
             return
         eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else 0.0
         line = progress_line(step, num_steps, loss=loss, img_per_s=img_per_s, eta_s=eta)

@@ -137,7 +137,8 @@ def write_samples(
     if samples.ndim == 2:
         picture = metrics_writer.scatter_image(samples, reference=reference)
     else:
-        picture = metrics_writer.image_grid(samples)
+        # Small images are enlarged to at least 32 pixels, to be seen in an image viewer.
+        picture = metrics_writer.image_grid(samples, scale=max(1, -(-32 // samples.shape[1])))
     path = directory / f"{name}.png"
     metrics_writer.write_png(path, picture)
     return path

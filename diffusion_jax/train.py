@@ -165,7 +165,7 @@ def make_train_step(
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
             aux = jax.lax.all_gather(aux, axis_name, tiled=True)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
