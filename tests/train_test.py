@@ -1,0 +1,207 @@
+"""Tests of diffusion_jax.train: the train step (EMA, skipped non-finite updates, one
+compilation), the learning-rate schedule, and real runs of the configs: the swiss roll is
+learned, the class-conditional config samples with guidance, the full-size CIFAR-10 config
+trains on mock data, bad inputs are named."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import cifar10, cifar10_cond, digits, toy2d
+from diffusion_jax import checkpointing, data, sampling_run, train, train_state
+
+
+def _override(config, **sections):
+    with config.unlocked():
+        for section, values in sections.items():
+            config[section].update(values)
+    return config
+
+
+def _quadratic_loss(params, batch, rng, loss_history=None):
+    per_example = jnp.sum((batch["x"] - params["w"]) ** 2, axis=-1)
+    return jnp.mean(per_example), {"per_example": per_example, "t": jnp.zeros_like(per_example)}
+
+
+def test_train_step_moves_ema_and_skips_non_finite_updates():
+    tx = optax.sgd(0.1)
+    step_fn = jax.jit(
+        chex.assert_max_traces(
+            train.make_train_step(
+                _quadratic_loss, tx, optax.constant_schedule(0.1), ema_decays=(0.5, 0.0)
+            ),
+            n=1,
+        )
+    )
+    state = train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=2)
+    rng = jax.random.key(0)
+    state, metrics = step_fn(state, {"x": jnp.ones((4, 2))}, rng)
+    # SGD on mean ||x - w||^2 from w = 0: w = 0.1 * 2 = 0.2; EMA 0.5: 0.1; EMA 0: w.
+    np.testing.assert_allclose(state.params["w"], [0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params[0]["w"], [0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params[1]["w"], [0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], 2.0, rtol=1e-6)
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = step_fn(state, {"x": jnp.full((4, 2), jnp.nan)}, rng)
+    assert not bool(metrics["finite"])
+    assert int(state.step) == 2 and int(state.num_skipped) == 1
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    config = _override(
+        digits.get_config(), optim={"warmup_steps": 10, "decay": "cosine", "final_lr_fraction": 0.1}
+    )
+    schedule = train.make_lr_schedule(config.optim, num_steps=110)
+    peak = config.optim.learning_rate
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), peak / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(10)), peak, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(60)), peak * (0.1 + 0.9 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(110)), peak * 0.1, rtol=1e-5)
+
+
+def _metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_nonfinite_stop_names_the_step_and_keeps_the_checkpoint(tmp_path):
+    config = _override(
+        digits.get_config("tiny"),
+        training={"num_steps": 12, "checkpoint_every": 5, "log_every": 5},
+        optim={"learning_rate": 1e30, "warmup_steps": 0},
+        sampling={"num_steps": 2, "num_images": 4},
+    )
+    with config.unlocked():
+        config.training.on_nonfinite = "stop"
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step \d+"):
+        train.train_and_evaluate(config, str(tmp_path))
+    for step in checkpointing.checkpoint_steps(tmp_path):  # whatever was saved is finite
+        _, state, _ = train.restore_for_inference(config, str(tmp_path))
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+        assert step <= int(state.step)
+
+
+def _energy_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo), zero iff the laws are equal."""
+
+    def mean_distance(u, v):
+        return float(np.mean(np.linalg.norm(u[:, None] - v[None], axis=-1)))
+
+    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
+
+
+@pytest.mark.slow
+def test_toy2d_learns_the_swiss_roll(tmp_path):
+    config = _override(
+        toy2d.get_config(),
+        training={"num_steps": 1500, "log_every": 500, "checkpoint_every": 1500},
+        sampling={"num_steps": 200, "num_images": 1000, "batch_size": 1000},
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    test_points = next(
+        data.make_dataset(config.data, split="test", seed=0, global_batch_size=1000)
+    )["x"]
+    model, state, _ = train.restore_for_inference(config, str(tmp_path))
+    generate = jax.jit(sampling_run.make_generate_fn(config, model, count=1000))
+    rng = jax.random.key(7)
+    trained = np.asarray(generate(state.ema_params[0], rng))
+    initial_params = train.make_create_fn(config, model, optax.identity())(
+        jax.random.split(jax.random.key(config.training.seed), 3)[0]
+    ).params
+    initial = np.asarray(generate(initial_params, rng))
+    trained_distance = _energy_distance(trained, test_points)
+    initial_distance = _energy_distance(initial, test_points)
+    print(f"energy distance to the swiss roll: initial {initial_distance:.4f}, "
+          f"trained {trained_distance:.4f}")  # fmt: skip
+    assert trained_distance < 0.1 * initial_distance
+    assert trained_distance < 0.05
+    losses = [record["loss"] for record in _metrics(tmp_path)]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "samples.png").exists()
+
+
+@pytest.mark.slow
+def test_class_conditional_config_trains_and_samples_with_guidance(tmp_path):
+    with tfds.testing.mock_data(num_examples=16):
+        config = _override(cifar10_cond.get_config("tiny"), training={"num_steps": 4})
+        state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4
+    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert grid.shape[0] > 32 and grid.std() > 0
+    model = train._build_model_and_optimizer(config)[0]
+    rng = jax.random.key(0)
+    samples = {}
+    for scale in (1.0, 3.0):
+        guided = _override(config.copy_and_resolve_references(), sampling={"guidance_scale": scale})
+        generate = jax.jit(sampling_run.make_generate_fn(guided, model, count=4))
+        samples[scale] = np.asarray(generate(state.ema_params[0], rng))
+    assert np.all(np.isfinite(samples[3.0]))
+    assert not np.allclose(samples[1.0], samples[3.0])  # guidance changes the samples
+
+
+@pytest.mark.slow
+def test_full_size_cifar10_config_trains_two_steps_on_mock_data(tmp_path):
+    config = _override(
+        cifar10.get_config(),
+        training={"num_steps": 2, "batch_size": 8, "log_every": 1, "eval_every": 0},
+        sampling={"num_steps": 1, "num_images": 1},
+    )
+    with tfds.testing.mock_data(num_examples=16):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2
+    losses = [record["loss"] for record in _metrics(tmp_path)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert checkpointing.checkpoint_steps(tmp_path) == [2]
+
+
+def test_batch_size_that_does_not_divide_over_devices_is_named(tmp_path):
+    config = _override(digits.get_config("tiny"), training={"batch_size": 12})
+    with pytest.raises(ValueError, match=r"training.batch_size=12 does not divide over the 8"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_workdir_of_another_model_is_refused_and_its_checkpoint_kept(tmp_path):
+    config = _override(
+        digits.get_config("tiny"),
+        training={"num_steps": 2, "checkpoint_every": 2},
+        sampling={"num_steps": 2, "num_images": 4},
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    wider = _override(config.copy_and_resolve_references(), model={"ch": 32})
+    with pytest.raises(ValueError, match="belongs to a different model"):
+        train.train_and_evaluate(wider, str(tmp_path))
+    assert checkpointing.checkpoint_steps(tmp_path) == [2]
+
+
+def test_unreadable_image_in_a_folder_data_set_is_named(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(8):
+        Image.fromarray(np.full((8, 8, 3), index * 30, np.uint8)).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    config = _override(
+        digits.get_config("tiny"),
+        data={"name": "folder", "folder_path": str(folder), "num_channels": 3},
+        model={"in_channels": 3, "out_channels": 3},
+        training={"num_steps": 2},
+    )
+    with pytest.raises(Exception, match="broken.png"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_inconsistent_sections_are_named():
+    config = _override(digits.get_config("tiny"), model={"in_channels": 3})
+    with pytest.raises(ValueError, match="model.image_size=8, model.in_channels=3"):
+        train.train_and_evaluate(config, "/tmp/unused")
+    config = _override(digits.get_config("tiny"), diffusion={"variance_type": "learned_range"})
+    with pytest.raises(ValueError, match="model.learn_sigma=True"):
+        train.train_and_evaluate(config, "/tmp/unused")
