@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import gaussian_mixture, samplers
 from diffusion_jax import process as process_lib
-from diffusion_jax import samplers
 from diffusion_jax.samplers import noise_schedule
-from tests import gaussian_mixture
 
 NUM_POINTS = 128
 # (label, registry name, options, endpoint: "denoised" or "t_min", NFE -> num_steps)

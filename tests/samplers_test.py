@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import gaussian_mixture, samplers
 from diffusion_jax import process as process_lib
-from diffusion_jax import samplers
 from diffusion_jax.samplers import ancestral, noise_schedule
-from tests import gaussian_mixture
 
 NUM_SAMPLES = 3000
 PROCESS = process_lib.make_process("linear", 1000)
