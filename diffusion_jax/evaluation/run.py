@@ -1,0 +1,265 @@
+"""--mode=eval: sample quality and likelihood of the latest checkpoint, as JSON beside it.
+
+    python -m diffusion_jax.main --config configs/digits.py --workdir /tmp/digits --mode eval \
+        --config.eval.num_steps=10,20,50 --config.eval.etas=0.0,1.0
+
+`evaluate(config, workdir)` restores the latest checkpoint (a checkpoint of another model is
+refused with the parameters that differ), takes the parameters of `sampling.ema_index` (an
+EMA, or the raw parameters for -1; the JSON names which) and writes
+`workdir/eval/step_<step>_<params>.json` with
+
+- "samples": for each `eval.num_steps` x `eval.etas` (etas only for samplers that have one),
+  `eval.num_samples` samples of `eval.sampler` and their metrics against `eval.reference_split`
+  in the extractor's feature space (the FID Inception for images, the digits classifier for
+  digits: "fd_digits" is not FID);
+- "likelihood": bits/dim on `eval.num_batches` batches of `data.eval_split`: "vlb", the
+  discrete variational bound of DDPM (Ho et al. 2020, Eq. 5), and "ode", the probability-flow
+  ODE likelihood of uniformly dequantized data (Song et al. 2021, App. D.2), with its NFE.
+
+Sampling is one jit over a mesh of every device of every process, the batch split on its
+"data" axis; each process extracts the features of its own rows and the features are then
+gathered on every process (`process_allgather`). Process 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffusion_jax import data, parallel, samplers, sampling_run
+from diffusion_jax.evaluation import features as features_lib
+from diffusion_jax.evaluation import likelihood_eval, metrics
+
+EVAL_DIR = "eval"
+METRICS = ("frechet", "kid", "inception_score", "precision_recall")
+EXTRACTORS = ("auto", "digits", "inception")
+
+
+def _check_subset(values, allowed: tuple, option: str) -> None:
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{option}={tuple(values)} has {unknown}; allowed: {list(allowed)}")
+
+
+def check_options(config: ml_collections.ConfigDict) -> None:
+    """Raise a ValueError naming the first `eval` option that cannot work."""
+    evaluation = config.eval
+    _check_subset(evaluation.metrics, METRICS, "eval.metrics")
+    _check_subset(evaluation.likelihoods, likelihood_eval.LIKELIHOODS, "eval.likelihoods")
+    if evaluation.extractor not in EXTRACTORS:
+        raise ValueError(f"eval.extractor={evaluation.extractor!r}; allowed: {list(EXTRACTORS)}")
+    samplers.get_sampler(evaluation.sampler)
+    if evaluation.num_samples < 2:
+        raise ValueError(f"eval.num_samples={evaluation.num_samples} must be >= 2")
+    likelihood_eval.check_options(config)
+
+
+def params_name(config: ml_collections.ConfigDict) -> str:
+    """ "ema_<decay>" or "raw": which parameters `sampling.ema_index` selects."""
+    index = config.sampling.ema_index
+    return "raw" if index == -1 else f"ema_{config.training.ema_decays[index]:g}"
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> list[dict]:
+    """[{"sampler", "num_steps", "eta"}, ...]: eval.num_steps x eval.etas (eta None if unused)."""
+    evaluation = config.eval
+    takes_eta = "eta" in samplers.sampler_options(evaluation.sampler)
+    etas = tuple(evaluation.etas) if takes_eta else (None,)
+    if not evaluation.num_steps or not etas:
+        raise ValueError("eval.num_steps and eval.etas must each hold at least one value")
+    return [
+        {"sampler": evaluation.sampler, "num_steps": int(steps), "eta": eta}
+        for steps in evaluation.num_steps
+        for eta in etas
+    ]
+
+
+def with_sampler(config: ml_collections.ConfigDict, setting: dict) -> ml_collections.ConfigDict:
+    """A copy of the config whose `sampling` section is this setting, at eval.batch_size."""
+    variant = copy.deepcopy(config)
+    variant.sampling.sampler = setting["sampler"]
+    variant.sampling.num_steps = setting["num_steps"]
+    if setting["eta"] is not None:
+        variant.sampling.eta = float(setting["eta"])
+    variant.sampling.batch_size = config.eval.batch_size
+    return variant
+
+
+def place_params(params, mesh, strategy: str):
+    """Parameters usable by a jit over `mesh`: as restored for "data" / "fsdp", replicated
+    from the host copy for "pmap" (restored onto each process's first device)."""
+    if strategy != "pmap":
+        return params
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda leaf: jax.make_array_from_callback(
+            leaf.shape, replicated, lambda index, host=np.asarray(leaf): host[index]
+        ),
+        params,
+    )
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array split on its first axis, in global order."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    unique = {shard.index[0].start or 0: shard for shard in shards}
+    return np.concatenate([np.asarray(unique[start].data) for start in sorted(unique)])
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every process's rows, concatenated in process order (on every process)."""
+    if jax.process_count() == 1:
+        return rows
+    return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+
+
+def make_sharded_generate(config, model, mesh, setting: dict):
+    """jit of `generate(params, rng) -> [eval.batch_size, ...]`, its rows split over the mesh."""
+    variant = with_sampler(config, setting)
+    generate = sampling_run.make_generate_fn(variant, model, count=config.eval.batch_size)
+    return jax.jit(generate, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS)))
+
+
+def generate_local_samples(config, model, params, mesh, setting: dict) -> list[np.ndarray]:
+    """This process's rows of eval.num_samples samples, in whole batches of eval.batch_size."""
+    generate = make_sharded_generate(config, model, mesh, setting)
+    rng = jax.random.fold_in(jax.random.key(config.eval.seed), setting["num_steps"])
+    num_batches = -(-config.eval.num_samples // config.eval.batch_size)
+    return [
+        local_rows(generate(params, jax.random.fold_in(rng, index))) for index in range(num_batches)
+    ]
+
+
+def make_extractor(config: ml_collections.ConfigDict, workdir) -> features_lib.FeatureExtractor:
+    """The digits classifier (trained once, cached in workdir/eval) or the FID Inception."""
+    kind = config.eval.extractor
+    if kind == "auto":
+        kind = "digits" if config.data.name == "digits" else "inception"
+    if kind == "digits":
+        directory = pathlib.Path(workdir) / EVAL_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        return features_lib.digits_extractor(cache_path=directory / "digits_classifier.npz")
+    if not config.eval.inception_weights:
+        raise ValueError(
+            "eval.inception_weights is empty: FID, KID, IS and precision/recall of images need "
+            "the converted FID InceptionV3 weights (.npz, see docs/evaluation.md); set "
+            "--config.eval.inception_weights=PATH, or eval.metrics=() for likelihoods only"
+        )
+    return features_lib.load_inception_extractor(config.eval.inception_weights)
+
+
+def extract_gathered(extractor, local_images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and logits of every process's images, each process extracting its own."""
+    features, logits = extractor.features_and_logits(np.concatenate(local_images))
+    return gather_rows(features), gather_rows(logits)
+
+
+def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
+    """Features and logits of `eval.reference_split` (unflipped, one pass, whole batches)."""
+    data_config = copy.deepcopy(config.data)
+    data_config.random_flip = False
+    iterator = data.make_dataset(
+        data_config,
+        split=config.eval.reference_split,
+        seed=config.eval.seed,
+        global_batch_size=config.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        shuffle=False,
+        num_epochs=1,
+    )
+    try:
+        local_images = [np.asarray(batch["x"]) for batch in iterator]
+    finally:
+        iterator.close()
+    return extract_gathered(extractor, local_images)
+
+
+def sample_metrics(config, extractor, reference, samples) -> dict:
+    """The configured metrics of samples (features, logits) against the reference's."""
+    wanted, result = config.eval.metrics, {"num_samples": len(samples[0])}
+    standard = extractor.frechet_name == "fid"
+    if "frechet" in wanted:
+        stats = [
+            metrics.FeatureStats(extractor.feature_dim, extractor=extractor.name).update(f)
+            for f in (samples[0], reference[0])
+        ]
+        result[extractor.frechet_name] = metrics.frechet_distance_from_stats(*stats)
+    if "kid" in wanted:
+        subset_size = min(1000, len(samples[0]), len(reference[0]))
+        kid = metrics.kernel_inception_distance(
+            samples[0],
+            reference[0],
+            subset_size=subset_size,
+            rng=np.random.default_rng(config.eval.seed),
+        )
+        result["kid" if standard else f"kid_{extractor.name}"] = kid._asdict()
+    if "inception_score" in wanted:
+        score = metrics.inception_score(samples[1], num_splits=min(10, len(samples[1])))
+        result["inception_score" if standard else "classifier_score"] = score._asdict()
+    if "precision_recall" in wanted:
+        result.update(metrics.precision_recall(reference[0], samples[0])._asdict())
+    return result
+
+
+def evaluate_samples(config, workdir, model, params, mesh) -> dict:
+    """{"extractor", "reference", "samples": [metrics of each sampler setting]}."""
+    extractor = make_extractor(config, workdir)
+    reference = reference_features(config, extractor)
+    report = {
+        "extractor": {"name": extractor.name, "feature_dim": extractor.feature_dim},
+        "reference": {"split": config.eval.reference_split, "num_images": len(reference[0])},
+        "samples": [],
+    }
+    count = config.eval.num_samples
+    for setting in sampler_settings(config):
+        local_images = generate_local_samples(config, model, params, mesh, setting)
+        features, logits = extract_gathered(extractor, local_images)
+        result = sample_metrics(config, extractor, reference, (features[:count], logits[:count]))
+        report["samples"].append({**setting, **result})
+        logging.info("%s: %s", setting, result)
+    return report
+
+
+def write_report(workdir: str | pathlib.Path, report: dict) -> pathlib.Path:
+    directory = pathlib.Path(workdir) / EVAL_DIR
+    path = directory / f"step_{report['step']}_{report['params']}.json"
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Metrics of the latest checkpoint in `workdir`; returns the report it writes."""
+    from diffusion_jax import train  # the train state and its restore live there
+
+    check_options(config)
+    parallel.check_batch_size(config.eval.batch_size, jax.device_count())
+    model, state, step = train.restore_for_inference(config, workdir)
+    mesh = parallel.make_mesh()
+    params = place_params(train.inference_params(state, config), mesh, config.parallel.strategy)
+    report = {
+        "step": step,
+        "params": params_name(config),
+        "checkpoint": str(pathlib.Path(workdir).absolute() / "checkpoints" / str(step)),
+        "likelihood": {},
+    }
+    if config.eval.metrics:
+        report.update(evaluate_samples(config, workdir, model, params, mesh))
+    for name in config.eval.likelihoods:
+        report["likelihood"][name] = likelihood_eval.evaluate_likelihood(
+            name, config, model, params, mesh
+        )
+        logging.info("Step %d, likelihood %s: %s", step, name, report["likelihood"][name])
+    path = write_report(workdir, report)
+    logging.info("Wrote the evaluation of step %d (%s) to %s", step, report["params"], path)
+    return report
