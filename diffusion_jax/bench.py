@@ -1,0 +1,455 @@
+"""Benchmark: training throughput, sampling speed, compile times and memory, optionally
+against diffusers (PyTorch) on the same machine in the same process.
+
+    python -m diffusion_jax.bench --config configs/cifar10.py --batch_size 16 --dtype float32
+    python -m diffusion_jax.bench --config configs/cifar10.py --compare diffusers \
+        --out bench.json
+
+Training: the compiled train step of `diffusion_jax.train` (loss, gradient, clipping, Adam,
+EMA) on a synthetic batch; images/s from the median of timed repetitions after warm-up,
+each blocking on the result. Model FLOPs per step come from XLA's cost analysis of the
+compiled step; MFU = FLOPs / time / peak, with the peak from `--peak_tflops` or the table
+`PEAK_TFLOPS` for the detected device. Sampling: DDIM and DPM-Solver++ at each step count
+of `--steps`, one compiled program each; image-NFE/s = batch * NFE / time. Timed callables
+(ours and theirs) are interleaved repetition by repetition, so that a machine shared with
+other work slows both alike and the ratios stay meaningful. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import models as model_presets
+from diffusion_jax import models, parallel, samplers, sampling_run, train
+
+# Dense peak TFLOP/s per JAX device, from the vendors' data sheets (H100/H200 SXM: 989
+# bf16, 67 fp32 without tensor cores; REFERENCE.md measured ~798 bf16 on the lent H100).
+# TPU v2/v3 expose one device per core, v4/v5p one per chip (megacore).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "TPU v3": {"bfloat16": 61.5, "float32": 61.5},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+}
+SAMPLERS = ("ddim", "dpm_solver++")
+COMPARE = ("none", "diffusers")
+
+# XLA:CPU (jaxlib 0.10) sends convolutions to YNNPACK by default; its weight-gradient
+# convolution (a 32x32 "kernel" over the batch) is ~3x slower than Eigen's, which made our
+# train step 0.65x PyTorch's. Keeping YNNPACK for dots only routes convolutions to Eigen.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    batch_size: int = 16
+    dtype: str = "float32"
+    steps: tuple[int, ...] = (20, 50)
+    samplers: tuple[str, ...] = SAMPLERS
+    sample_batch_size: int = 16
+    repeats: int = 5
+    sample_repeats: int = 3
+    warmup: int = 1
+    compare: str = "none"
+    peak_tflops: float = 0.0  # 0: from PEAK_TFLOPS for the detected device, if known
+    ynn_convolutions: bool = False  # True: XLA:CPU's default library for convolutions
+    torch_threads: int = 0  # 0: as many as JAX uses (every core this process may run on)
+    seed: int = 0
+
+
+def compiler_options(options: BenchOptions) -> dict[str, str]:
+    """Per-executable XLA options: on the CPU, convolutions go to Eigen (see above)."""
+    if jax.default_backend() == "cpu" and not options.ynn_convolutions:
+        return dict(CPU_COMPILER_OPTIONS)
+    return {}
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of each call, the callables taking turns; each must block on its result."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def compile_timed(jitted, *args, options: dict[str, str]):
+    """(compiled executable, seconds to trace, lower and compile it)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile(compiler_options=options)
+    return compiled, time.perf_counter() - start
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def peak_tflops(device, dtype: str, override: float = 0.0) -> float | None:
+    """The peak of `device` for `dtype`: `override` if > 0, else from PEAK_TFLOPS."""
+    if override > 0:
+        return override
+    for name, peaks in PEAK_TFLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def memory_stats(device) -> dict:
+    """Peak device memory where the backend reports it (GPU, TPU); else the peak resident
+    memory of this process on the host (which includes PyTorch's, when compared)."""
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"kind": "device", "peak_bytes": int(stats["peak_bytes_in_use"])}
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"kind": "host_rss", "peak_bytes": int(peak_kib) * 1024}
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the tiny U-Net of `configs.models.tiny()` at its image size."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    model = model_presets.tiny()
+    model.image_size = config.model.image_size
+    model.in_channels = model.out_channels = config.model.in_channels
+    model.attn_resolutions = (config.model.image_size // 2,)
+    model.learn_sigma = config.model.learn_sigma
+    model.num_classes = config.model.num_classes
+    config.model = model
+    return config
+
+
+def _model_config(config: ml_collections.ConfigDict, dtype: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = dtype
+    return config
+
+
+def _synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, *models.sample_shape(config.model))
+    batch = {"x": rng.uniform(-1.0, 1.0, shape).astype(np.float32)}
+    if config.model.num_classes > 0:
+        batch["label"] = rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)
+    return batch
+
+
+def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
+    """(run, info): `run()` takes one compiled train step of `train.make_train_step` and
+    blocks on it; info holds the compile time, FLOPs per step and parameter count."""
+    model = models.build_model(config.model)
+    tx, lr_schedule = train.make_optimizer(config.optim, num_steps=config.training.num_steps)
+    train_step = train.make_train_step(
+        train.make_loss_fn(config, model),
+        tx,
+        lr_schedule,
+        ema_decays=tuple(config.training.ema_decays),
+    )
+    strategy = parallel.make_strategy(config.parallel)
+    parallel.check_batch_size(options.batch_size, strategy.num_devices)
+    create = train.make_create_fn(config, model, tx)
+    rng = jax.random.PRNGKey(options.seed)
+    state = strategy.init_state(create, rng)
+    batch = strategy.device_batch(_synthetic_batch(config, options.batch_size, options.seed))
+    jitted = strategy.compile_train_step(train_step, jax.eval_shape(lambda: state))
+    compiled, compile_s = compile_timed(
+        jitted, state, batch, rng, options=compiler_options(options)
+    )
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        return jax.block_until_ready((holder["state"], metrics))
+
+    info = {
+        "compile_s": compile_s,
+        "flops_per_step": cost_flops(compiled),
+        "params": models.count_params(state.params),
+        "devices": strategy.num_devices,
+    }
+    return run, info
+
+
+def _sampler_options(config: ml_collections.ConfigDict, name: str, prediction: str) -> dict:
+    candidates = {
+        "prediction": prediction,
+        "variance_type": config.diffusion.variance_type,
+        "clip_x0": config.sampling.clip_x0,
+        "eta": 0.0,
+    }
+    allowed = samplers.sampler_options(name)
+    return {key: value for key, value in candidates.items() if key in allowed}
+
+
+def make_sample_runner(config, model, params, name: str, num_steps: int, options: BenchOptions):
+    """(run, info): `run()` draws one batch of samples with the compiled sampler `name`."""
+    if config.diffusion.loss_type not in sampling_run.DISCRETE_LOSSES:
+        raise ValueError(
+            f"diffusion.loss_type={config.diffusion.loss_type!r}: the sampling benchmark "
+            f"needs a discrete process; allowed: {sampling_run.DISCRETE_LOSSES}"
+        )
+    schedule, prediction = sampling_run.sampling_schedule(config.diffusion)
+    sample = samplers.make_sampler(
+        name,
+        schedule=schedule,
+        num_steps=num_steps,
+        **_sampler_options(config, name, prediction),
+    )
+    apply_fn = sampling_run.network_fn(model, train=False)
+    batch = options.sample_batch_size
+    labels = sampling_run.sample_labels(config, batch)
+    shape = (batch, *models.sample_shape(config.model))
+    noise = jax.random.normal(jax.random.PRNGKey(options.seed), shape)  # [B, H, W, C]
+    rng = jax.random.PRNGKey(options.seed + 1)
+
+    def generate(params, noise, rng):
+        model_fn = lambda x, t, cond: apply_fn(params, x, t, cond, None)
+        return sample(model_fn, noise, rng, labels)
+
+    compiled, compile_s = compile_timed(
+        jax.jit(generate), params, noise, rng, options=compiler_options(options)
+    )
+    info = {"compile_s": compile_s, "nfe": 0}
+
+    def run():
+        _, sample_info = jax.block_until_ready(compiled(params, noise, rng))
+        info["nfe"] = int(sample_info["nfe"])
+
+    return run, info
+
+
+def _diffusers_side(config: ml_collections.ConfigDict, options: BenchOptions, our_params: int):
+    """diffusers' U-Net of the same configuration, after checking the parameter counts."""
+    import torch
+
+    from diffusion_jax import bench_torch
+
+    torch.set_num_threads(options.torch_threads or len(os.sched_getaffinity(0)))
+    unet = bench_torch.build_diffusers_unet(config.model, seed=options.seed)
+    their_params = bench_torch.count_torch_params(unet)
+    if their_params != our_params:
+        raise ValueError(
+            f"--compare diffusers: diffusers' UNet2DModel has {their_params} parameters, ours "
+            f"{our_params}; the model config has no exact diffusers counterpart"
+        )
+    return unet, {**bench_torch.torch_info(), "params": their_params}
+
+
+def _summary(times: list[float], items: int) -> dict:
+    median = statistics.median(times)
+    return {"median_s": median, "times_s": times, "items_per_s": items / median}
+
+
+def bench_training(config, options: BenchOptions, runner, unet=None) -> dict:
+    """Images/s, FLOPs, MFU and compile time of our train step (`runner`, from
+    `make_train_runner`) and of diffusers' (`unet`, when given)."""
+    run, info = runner
+    fns = {"ours": run}
+    if unet is not None:
+        from diffusion_jax import bench_torch
+
+        fns["diffusers"] = bench_torch.make_train_runner(
+            unet,
+            batch_size=options.batch_size,
+            betas=bench_torch.betas_of(config.diffusion),
+            learning_rate=config.optim.learning_rate,
+            grad_clip_norm=config.optim.grad_clip_norm,
+            ema_decay=config.training.ema_decays[0],
+            seed=options.seed,
+        )
+    times = interleaved_times(fns, repeats=options.repeats, warmup=options.warmup)
+    result = {name: _summary(t, options.batch_size) for name, t in times.items()}
+    ours = result["ours"]
+    ours.update(info)
+    ours["tflops_per_s"] = info["flops_per_step"] / ours["median_s"] / 1e12
+    peak = peak_tflops(jax.devices()[0], options.dtype, options.peak_tflops)
+    ours["peak_tflops"] = peak
+    ours["mfu"] = ours["tflops_per_s"] * info["devices"] / peak if peak else None
+    if unet is not None:
+        result["ratio"] = ours["items_per_s"] / result["diffusers"]["items_per_s"]
+    return result
+
+
+def bench_sampling(config, options: BenchOptions, unet=None) -> dict:
+    """Image-NFE/s, wall time and compile time of each sampler at each step count."""
+    model = models.build_model(config.model)
+    params = models.init_params(model, config.model, jax.random.PRNGKey(options.seed))
+    results = {}
+    for name in options.samplers:
+        for num_steps in options.steps:
+            run, info = make_sample_runner(config, model, params, name, num_steps, options)
+            fns = {"ours": run}
+            if unet is not None and name == "ddim":
+                from diffusion_jax import bench_torch
+
+                fns["diffusers"] = bench_torch.make_ddim_runner(
+                    unet,
+                    batch_size=options.sample_batch_size,
+                    num_steps=num_steps,
+                    betas=bench_torch.betas_of(config.diffusion),
+                    clip_sample=config.sampling.clip_x0,
+                    seed=options.seed,
+                )
+            times = interleaved_times(fns, repeats=options.sample_repeats, warmup=options.warmup)
+            nfe = {"ours": info["nfe"], "diffusers": num_steps}
+            entry = {
+                key: _summary(t, options.sample_batch_size * nfe[key]) for key, t in times.items()
+            }
+            entry["ours"].update(info)
+            if "diffusers" in entry:
+                entry["ratio"] = entry["ours"]["items_per_s"] / entry["diffusers"]["items_per_s"]
+            results[f"{name}_{num_steps}"] = entry
+    return results
+
+
+def environment(options: BenchOptions) -> dict:
+    """Versions, device and date: what a figure needs to be reproduced."""
+    import flax
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "num_devices": jax.device_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": compiler_options(options),
+        "options": dataclasses.asdict(options),
+    }
+
+
+def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> dict:
+    """Every measurement of the benchmark, as a JSON-ready dict."""
+    if options.compare not in COMPARE:
+        raise ValueError(f"--compare={options.compare!r}; allowed: {COMPARE}")
+    unknown = [name for name in options.samplers if name not in SAMPLERS]
+    if unknown:
+        raise ValueError(f"--samplers={unknown}; allowed: {SAMPLERS}")
+    config = _model_config(config, options.dtype)
+    results = {"environment": environment(options)}
+    runner = make_train_runner(config, options)
+    unet = None
+    if options.compare == "diffusers":
+        unet, results["diffusers"] = _diffusers_side(config, options, runner[1]["params"])
+    results["train"] = bench_training(config, options, runner, unet)
+    results["sampling"] = bench_sampling(config, options, unet)
+    compile_s = {key: entry["ours"]["compile_s"] for key, entry in results["sampling"].items()}
+    results["compile_s"] = {"train_step": results["train"]["ours"]["compile_s"], **compile_s}
+    results["memory"] = memory_stats(jax.devices()[0])
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The console table: one row per measurement, ours / diffusers / ratio."""
+    rows = [("measurement", "ours", "diffusers", "ours/theirs")]
+    train = results["train"]
+    ours = train["ours"]
+    theirs = train.get("diffusers", {})
+    rows.append(("train img/s", ours["items_per_s"], theirs.get("items_per_s"), train.get("ratio")))
+    rows.append(("train step TFLOP (XLA)", ours["flops_per_step"] / 1e12, None, None))
+    rows.append(("train TFLOP/s", ours["tflops_per_s"], None, None))
+    rows.append(("train MFU", ours["mfu"], None, None))
+    for key, entry in results["sampling"].items():
+        their = entry.get("diffusers", {})
+        ratio = entry.get("ratio")
+        rows.append(
+            (f"{key} image-NFE/s", entry["ours"]["items_per_s"], their.get("items_per_s"), ratio)
+        )
+        rows.append((f"{key} batch wall s", entry["ours"]["median_s"], their.get("median_s"), None))
+    for key, seconds in results["compile_s"].items():
+        rows.append((f"compile {key} s", seconds, None, None))
+    memory = results["memory"]
+    rows.append((f"peak memory GiB ({memory['kind']})", memory["peak_bytes"] / 2**30, None, None))
+    cell = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.4g}")
+    widths = [max(len(cell(row[i])) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(
+            cell(v).ljust(w) if i == 0 else cell(v).rjust(w)
+            for i, (v, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    )
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.")
+flags.DEFINE_integer("batch_size", 16, "Training batch size (global).")
+flags.DEFINE_enum("dtype", "float32", list(models.COMPUTE_DTYPES), "Compute dtype of the model.")
+flags.DEFINE_enum("compare", "none", list(COMPARE), "Also run diffusers' UNet2DModel (PyTorch).")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU (0: known table).")
+flags.DEFINE_list("steps", ["20", "50"], "Sampler step counts.")
+flags.DEFINE_list("samplers", list(SAMPLERS), "Samplers to time.")
+flags.DEFINE_integer("sample_batch_size", 0, "Images per sampling batch (0: --batch_size).")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions of the train step (median reported).")
+flags.DEFINE_integer("sample_repeats", 3, "Timed repetitions of each sampler.")
+flags.DEFINE_integer("warmup", 1, "Untimed calls before timing.")
+flags.DEFINE_bool("ynn_convolutions", False, "XLA:CPU: keep YNNPACK convolutions (its default).")
+flags.DEFINE_integer("torch_threads", 0, "PyTorch threads (0: the cores JAX uses).")
+flags.DEFINE_bool("tiny", False, "Benchmark the tiny U-Net of configs/models.py instead.")
+flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
+flags.mark_flags_as_required(["config"])
+
+
+def options_from_flags() -> BenchOptions:
+    return BenchOptions(
+        batch_size=FLAGS.batch_size,
+        dtype=FLAGS.dtype,
+        steps=tuple(int(s) for s in FLAGS.steps),
+        samplers=tuple(FLAGS.samplers),
+        sample_batch_size=FLAGS.sample_batch_size or FLAGS.batch_size,
+        repeats=FLAGS.repeats,
+        sample_repeats=FLAGS.sample_repeats,
+        warmup=FLAGS.warmup,
+        compare=FLAGS.compare,
+        peak_tflops=FLAGS.peak_tflops,
+        ynn_convolutions=FLAGS.ynn_convolutions,
+        torch_threads=FLAGS.torch_threads,
+    )
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = shrink_to_tiny(FLAGS.config) if FLAGS.tiny else FLAGS.config
+    results = run_benchmark(config, options_from_flags())
+    print(format_table(results))
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"Results written to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

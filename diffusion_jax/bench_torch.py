@@ -1,0 +1,177 @@
+"""The PyTorch side of the benchmark: diffusers' ``UNet2DModel`` built from our ``model``
+config section, its train step and its DDIM sampling loop (``--compare diffusers``).
+
+Needs the ``[torch]`` extra (``pip install -e .[torch]``). The work per step is the same as
+ours: a DDPM L_simple step (Ho et al. 2020, Algorithm 1) with Adam, gradient clipping and an
+EMA of the weights; DDIM (Song et al. 2021, Eq. 12) with diffusers' ``DDIMScheduler``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from diffusion_jax import schedules
+
+
+def _attention_head_dim(config: ml_collections.ConfigDict) -> int:
+    """diffusers gives one head width for every attention layer; ours may give a head count."""
+    if config.head_channels > 0:
+        return config.head_channels
+    widths = {config.ch * config.ch_mult[-1]} | {
+        config.ch * mult
+        for level, mult in enumerate(config.ch_mult)
+        if config.image_size // 2**level in config.attn_resolutions
+    }
+    if len(widths) != 1:
+        raise ValueError(
+            f"model.num_heads={config.num_heads} with attention widths {sorted(widths)}: "
+            "diffusers needs one head width; set model.head_channels > 0 instead"
+        )
+    return widths.pop() // config.num_heads
+
+
+def _check_comparable(config: ml_collections.ConfigDict) -> None:
+    if config.name != "unet":
+        raise ValueError(f"--compare diffusers needs model.name='unet', not {config.name!r}")
+    unsupported = {
+        "resblock_updown": (config.resblock_updown, False),
+        "conv_resample": (config.conv_resample, True),
+        "time_embedding": (config.time_embedding, "sinusoidal"),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value != allowed:
+            raise ValueError(f"--compare diffusers: model.{key}={value!r}; allowed: {allowed!r}")
+
+
+def diffusers_unet_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """``UNet2DModel`` arguments of the same network as our U-Net of ``config`` (the
+    ``model`` section); for DDPM CIFAR-10 they are those of google/ddpm-cifar10-32."""
+    _check_comparable(config)
+    levels = range(len(config.ch_mult))
+    attn = [config.image_size // 2**level in config.attn_resolutions for level in levels]
+    out_channels = config.out_channels * (2 if config.learn_sigma else 1)
+    return dict(
+        sample_size=config.image_size,
+        in_channels=config.in_channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        layers_per_block=config.num_res_blocks,
+        attention_head_dim=_attention_head_dim(config),
+        norm_num_groups=config.norm_groups,
+        norm_eps=1e-6,  # flax.linen.GroupNorm's default
+        flip_sin_to_cos=False,  # [sin, cos], as Ho et al.'s get_timestep_embedding
+        freq_shift=1,  # frequencies 10000^(-k / (half - 1))
+        downsample_padding=0,
+        dropout=config.dropout,
+        resnet_time_scale_shift="scale_shift" if config.use_scale_shift_norm else "default",
+        num_class_embeds=config.num_classes + 1 if config.num_classes > 0 else None,
+    )
+
+
+def build_diffusers_unet(config: ml_collections.ConfigDict, *, seed: int = 0) -> UNet2DModel:
+    """diffusers' U-Net of our ``model`` config, float32, built offline (no download)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(**diffusers_unet_kwargs(config))
+
+
+def count_torch_params(module: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def torch_info() -> dict:
+    import diffusers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+    }
+
+
+def make_train_runner(
+    unet: UNet2DModel,
+    *,
+    batch_size: int,
+    betas: np.ndarray,
+    learning_rate: float,
+    grad_clip_norm: float,
+    ema_decay: float,
+    seed: int = 0,
+) -> Callable[[], float]:
+    """``run() -> loss``: one training step of ``unet`` on a fixed synthetic batch."""
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+    x0 = torch.rand(shape, generator=generator) * 2 - 1  # [B, C, H, W]
+    alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
+    params = list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
+    unet.train()
+
+    def run() -> float:
+        t = torch.randint(0, len(betas), (batch_size,), generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        eps = unet(x_t, t).sample[:, : config.in_channels]
+        loss = torch.mean((eps - noise) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay)
+        return loss.detach().item()
+
+    return run
+
+
+def make_ddim_runner(
+    unet: UNet2DModel,
+    *,
+    batch_size: int,
+    num_steps: int,
+    betas: np.ndarray,
+    clip_sample: bool,
+    seed: int = 0,
+) -> Callable[[], torch.Tensor]:
+    """``run() -> x0 [B, C, H, W]``: deterministic DDIM (eta = 0) with ``num_steps`` network
+    evaluations, the loop of diffusers' ``DDIMPipeline`` without its image post-processing."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=len(betas),
+        trained_betas=betas,
+        clip_sample=clip_sample,
+        timestep_spacing="linspace",
+    )
+    config = unet.config
+    shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def run() -> torch.Tensor:
+        unet.eval()
+        scheduler.set_timesteps(num_steps)
+        x = noise
+        with torch.inference_mode():
+            for t in scheduler.timesteps:
+                eps = unet(x, t).sample[:, : config.in_channels]
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return x
+
+    return run
+
+
+def betas_of(diffusion: ml_collections.ConfigDict) -> np.ndarray:
+    """The betas of our ``diffusion`` section, passed to diffusers as ``trained_betas``."""
+    return schedules.get_betas(
+        diffusion.schedule, diffusion.num_timesteps, zero_terminal_snr=diffusion.zero_terminal_snr
+    ).astype(np.float64)

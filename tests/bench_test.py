@@ -1,0 +1,133 @@
+"""Tests of the benchmark: it runs end to end on the tiny U-Net and writes its JSON, and
+diffusers' counterpart of our U-Net has exactly our parameter count. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import pytest
+
+from configs import cifar10
+from configs import models as model_presets
+from diffusion_jax import bench, models
+
+TINY_OPTIONS = dict(
+    batch_size=8,  # divisible by the 8 fake CPU devices of conftest.py
+    steps=(2,),
+    sample_batch_size=2,
+    repeats=1,
+    sample_repeats=1,
+    warmup=0,
+)
+
+
+def _param_count(model_config) -> int:
+    model = models.build_model(model_config)
+    shapes = jax.eval_shape(
+        lambda key: models.init_params(model, model_config, key), jax.random.PRNGKey(0)
+    )
+    return models.count_params(shapes)
+
+
+def _assert_positive_timings(summary: dict) -> None:
+    assert summary["median_s"] > 0 and summary["items_per_s"] > 0
+    assert all(t > 0 for t in summary["times_s"])
+
+
+def test_interleaved_times_alternates_and_counts_calls():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench.interleaved_times(fns, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+
+
+def test_peak_tflops_table_and_override():
+    h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    cpu = types.SimpleNamespace(device_kind="cpu")
+    assert bench.peak_tflops(h100, "bfloat16") == 989.0
+    assert bench.peak_tflops(cpu, "float32") is None
+    assert bench.peak_tflops(cpu, "float32", override=0.5) == 0.5
+
+
+def test_memory_stats_on_cpu_is_host_resident_memory():
+    memory = bench.memory_stats(jax.devices()[0])
+    assert memory["kind"] == "host_rss" and memory["peak_bytes"] > 10 * 2**20
+
+
+def test_bad_options_name_the_option():
+    config = cifar10.get_config()
+    with pytest.raises(ValueError, match="--compare"):
+        bench.run_benchmark(config, bench.BenchOptions(compare="tensorflow"))
+    with pytest.raises(ValueError, match="--samplers"):
+        bench.run_benchmark(config, bench.BenchOptions(samplers=("heun",)))
+
+
+@pytest.mark.slow
+def test_cli_on_tiny_model_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "-m", "diffusion_jax.bench", "--config", "configs/cifar10.py", "--tiny",
+        "--batch_size", "8", "--steps", "2", "--samplers", "ddim,dpm_solver++",
+        "--sample_batch_size", "2", "--repeats", "1", "--sample_repeats", "1", "--warmup", "0",
+        "--out", str(out),
+    ]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train img/s" in done.stdout
+    results = json.loads(out.read_text())
+    assert set(results) >= {"environment", "train", "sampling", "compile_s", "memory"}
+    ours = results["train"]["ours"]
+    _assert_positive_timings(ours)
+    assert ours["params"] == _param_count(bench.shrink_to_tiny(cifar10.get_config()).model)
+    assert ours["flops_per_step"] > 0 and ours["compile_s"] > 0
+    assert set(results["sampling"]) == {"ddim_2", "dpm_solver++_2"}
+    for entry in results["sampling"].values():
+        _assert_positive_timings(entry["ours"])
+        assert entry["ours"]["nfe"] == 2
+    assert results["memory"]["peak_bytes"] > 0
+
+
+def test_diffusers_unet_of_ddpm_cifar10_has_the_published_parameter_count():
+    pytest.importorskip("torch", reason="--compare diffusers needs the [torch] extra")
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    from diffusion_jax import bench_torch
+
+    config = model_presets.ddpm_cifar10()
+    unet = bench_torch.build_diffusers_unet(config)
+    assert bench_torch.count_torch_params(unet) == 35_746_307 == _param_count(config)
+
+
+def test_diffusers_comparison_rejects_models_it_cannot_mirror():
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    from diffusion_jax import bench_torch
+
+    config = model_presets.tiny()
+    config.resblock_updown = True
+    with pytest.raises(ValueError, match="model.resblock_updown"):
+        bench_torch.diffusers_unet_kwargs(config)
+    with pytest.raises(ValueError, match="model.name"):
+        bench_torch.diffusers_unet_kwargs(model_presets.dit("S/2"))
+
+
+@pytest.mark.slow
+def test_compare_diffusers_on_tiny_model():
+    pytest.importorskip("torch", reason="--compare diffusers needs the [torch] extra")
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    config = bench.shrink_to_tiny(cifar10.get_config())
+    options = bench.BenchOptions(compare="diffusers", samplers=("ddim",), **TINY_OPTIONS)
+    results = bench.run_benchmark(config, options)
+    assert results["diffusers"]["params"] == results["train"]["ours"]["params"]
+    assert results["diffusers"]["params"] == _param_count(config.model)
+    _assert_positive_timings(results["train"]["diffusers"])
+    assert results["train"]["ratio"] > 0
+    ddim = results["sampling"]["ddim_2"]
+    _assert_positive_timings(ddim["diffusers"])
+    assert ddim["ratio"] > 0
+    json.dumps(results)  # JSON-ready
