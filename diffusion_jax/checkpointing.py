@@ -57,13 +57,24 @@ def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _check_floats_finite(state) -> None:
-    for name, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-            if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
-                raise FloatingPointError(
-                    f"refusing to save a checkpoint: {_leaf_name(name)} holds non-finite values"
-                )
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+    """One bool per array: all its values finite (one compiled program per state layout)."""
+    return jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(leaf)) for leaf in leaves])
+
+
+def _check_floats_finite(tree) -> None:
+    named = [
+        (_leaf_name(path), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+    ]
+    flags = jax.device_get(_finite_flags([leaf for _, leaf in named]))
+    bad = [name for (name, _), finite in zip(named, flags, strict=True) if not finite]
+    if bad:
+        raise FloatingPointError(
+            f"refusing to save a checkpoint: {', '.join(bad[:5])} holds non-finite values"
+        )
 
 
 def save(

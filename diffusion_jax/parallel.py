@@ -178,8 +178,13 @@ class PmapStrategy:
     def num_devices(self) -> int:
         return jax.device_count()
 
+    def _replicate(self, tree):
+        """A host copy per local device, stacked on a leading axis (pmap shards it)."""
+        count = len(self.devices)
+        return jax.tree.map(lambda x: np.stack([np.asarray(x)] * count), tree)
+
     def init_state(self, create_fn: Callable, rng: jax.Array):
-        return jax.device_put_replicated(jax.jit(create_fn)(rng), self.devices)
+        return self._replicate(jax.jit(create_fn)(rng))
 
     def restore_target(self, abstract_state):
         sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
@@ -189,7 +194,7 @@ class PmapStrategy:
         )
 
     def place_restored(self, state):
-        return jax.device_put_replicated(state, self.devices)
+        return self._replicate(state)
 
     def checkpointable(self, state):
         """The state without its device axis (the copies are identical)."""
@@ -206,14 +211,11 @@ class PmapStrategy:
 
         return step
 
-    def device_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """[B_local, ...] -> [local devices, B_local / local devices, ...] on those devices."""
+    def device_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """[B_local, ...] -> [local devices, B_local / local devices, ...] (pmap shards it)."""
         count = len(self.devices)
         return {
-            key: jax.device_put_sharded(
-                list(value.reshape(count, -1, *value.shape[1:])), self.devices
-            )
-            for key, value in local_batch.items()
+            key: value.reshape(count, -1, *value.shape[1:]) for key, value in local_batch.items()
         }
 
     def inference_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

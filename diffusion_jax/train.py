@@ -233,6 +233,8 @@ class Run:
     sigterm: checkpointing.SigtermFlag
     train_rng: jax.Array
     sample_rng: jax.Array
+    generate: Callable  # jitted generate(params, rng) -> samples
+    bits_per_dim: Callable  # jitted bits_per_dim(params, batch, rng) -> [B]
 
     @property
     def host_step(self) -> int:
@@ -310,6 +312,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         sigterm=checkpointing.SigtermFlag(),
         train_rng=train_rng,
         sample_rng=sample_rng,
+        generate=jax.jit(
+            sampling_run.make_generate_fn(config, model, count=config.sampling.num_images)
+        ),
+        bits_per_dim=jax.jit(make_bits_per_dim_fn(config, model)),
     )
 
 
@@ -331,12 +337,8 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 def write_sample_grid(run: Run, step: int, *, final: bool = False) -> None:
     """Samples from the EMA parameters with the configured sampler, as PNG (and TensorBoard)."""
-    config = run.config
-    generate = jax.jit(
-        sampling_run.make_generate_fn(config, run.model, count=config.sampling.num_images)
-    )
-    params = inference_params(run.state, config, run.strategy)
-    samples = parallel.to_host(generate(params, run.sample_rng))
+    params = inference_params(run.state, run.config, run.strategy)
+    samples = parallel.to_host(run.generate(params, run.sample_rng))
     if jax.process_index() != 0:
         return
     path = sampling_run.write_samples(run.workdir / "samples", f"step_{step:07d}", samples)
@@ -361,12 +363,13 @@ def evaluate_bits_per_dim(run: Run, step: int) -> float:
         shuffle=False,
         num_epochs=1,
     )
-    bpd_fn = jax.jit(make_bits_per_dim_fn(config, run.model))
     params = inference_params(run.state, config, run.strategy)
     rng = jax.random.fold_in(run.sample_rng, step)
     values = []
     for index, batch in zip(range(config.eval.num_batches), iterator):
-        values.append(parallel.to_host(bpd_fn(params, run.strategy.inference_batch(batch), rng)))
+        values.append(
+            parallel.to_host(run.bits_per_dim(params, run.strategy.inference_batch(batch), rng))
+        )
         rng = jax.random.fold_in(rng, index)
     iterator.close()
     value = float(np.mean(np.concatenate(values)))

@@ -6,6 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -35,8 +36,15 @@ def _command(workdir, *extra: str) -> list[str]:
 
 
 def _environment() -> dict:
-    # One CPU device per process keeps these runs fast on a small machine.
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # One CPU device per process keeps these runs fast on a small machine; the runs of a test
+    # compile the same programs, so they share a compilation cache.
+    return {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": str(
+            pathlib.Path(tempfile.gettempdir()) / "dj_main_test_cache"
+        ),
+    }
 
 
 def _run(workdir, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -37,7 +38,13 @@ def _command(workdir, *extra: str) -> list[str]:
 
 
 def _environment(num_devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+        "JAX_COMPILATION_CACHE_DIR": str(
+            pathlib.Path(tempfile.gettempdir()) / "dj_multihost_cache"
+        ),
+    }
 
 
 def _losses(output: str) -> dict[int, float]:

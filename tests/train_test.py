@@ -42,14 +42,14 @@ def test_train_step_moves_ema_and_skips_non_finite_updates():
     )
     state = train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=2)
     rng = jax.random.key(0)
-    state, metrics = step_fn(state, {"x": jnp.ones((4, 2))}, rng)
+    state, metrics = step_fn(state, {"x": jnp.ones((4, 2), jnp.float32)}, rng)
     # SGD on mean ||x - w||^2 from w = 0: w = 0.1 * 2 = 0.2; EMA 0.5: 0.1; EMA 0: w.
     np.testing.assert_allclose(state.params["w"], [0.2, 0.2], rtol=1e-6)
     np.testing.assert_allclose(state.ema_params[0]["w"], [0.1, 0.1], rtol=1e-6)
     np.testing.assert_allclose(state.ema_params[1]["w"], [0.2, 0.2], rtol=1e-6)
     np.testing.assert_allclose(metrics["loss"], 2.0, rtol=1e-6)
     before = jax.tree.map(np.asarray, state)
-    state, metrics = step_fn(state, {"x": jnp.full((4, 2), jnp.nan)}, rng)
+    state, metrics = step_fn(state, {"x": jnp.full((4, 2), jnp.nan, jnp.float32)}, rng)
     assert not bool(metrics["finite"])
     assert int(state.step) == 2 and int(state.num_skipped) == 1
     for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params), strict=True):
@@ -205,3 +205,20 @@ def test_inconsistent_sections_are_named():
     config = _override(digits.get_config("tiny"), diffusion={"variance_type": "learned_range"})
     with pytest.raises(ValueError, match="model.learn_sigma=True"):
         train.train_and_evaluate(config, "/tmp/unused")
+
+
+def test_bits_per_dim_is_evaluated_every_eval_every_steps(tmp_path):
+    config = _override(
+        digits.get_config("tiny"),
+        diffusion={"num_timesteps": 50},
+        training={"num_steps": 4, "eval_every": 2, "log_every": 2, "checkpoint_every": 4},
+        sampling={"num_steps": 2, "num_images": 4},
+        eval={"batch_size": 8, "num_batches": 2},
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    evaluated = {
+        r["step"]: r["eval_bits_per_dim"] for r in _metrics(tmp_path) if "eval_bits_per_dim" in r
+    }
+    assert sorted(evaluated) == [2, 4]
+    # An untrained model is far from the data, yet a bound on 8-bit data stays in (0, 100).
+    assert all(0.0 < value < 100.0 for value in evaluated.values())
