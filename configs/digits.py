@@ -1,13 +1,14 @@
-"""scikit-learn's 8x8 handwritten digits, upsampled to 16x16: the offline Quick start.
+"""scikit-learn's 8x8 handwritten digits (1,500 training images): the offline Quick start.
 
     python -m diffusion_jax.main --config configs/digits.py --workdir /tmp/digits
 
-needs no download and trains in about five minutes on two CPU cores; it writes
-`/tmp/digits/samples.png` (a grid of 64 samples from the EMA parameters) at the end.
-The DDPM recipe of Ho et al. 2020 (linear betas, T = 1000, eps-prediction, L_simple, Adam,
-EMA) on a small U-Net; the short run uses a faster EMA (0.999) than DDPM's 0.9999 and samples
-with 100 DDIM steps (Song et al. 2021) instead of the 1000-step ancestral chain.
-"""
+needs no download; 2,000 steps of batch 64 take about 7 CPU-minutes (under 5 minutes on
+two idle cores) and the logged loss falls from 0.45 (mean of steps 1-100) to 0.08. At the
+end it writes `/tmp/digits/samples.png`, a grid of 64 samples from the EMA parameters
+(each 8x8 digit drawn 4x larger). The DDPM recipe of Ho et al. 2020 (linear betas, T = 1000,
+eps-prediction, L_simple, Adam with warmup, gradient clipping, EMA) on a 0.7M-parameter
+U-Net (ch 32, ch_mult (1, 2), attention at 4x4); the short run uses a faster EMA (0.999)
+than DDPM's 0.9999, and samples with 100 DDIM steps (Song et al. 2021)."""
 
 from configs import default, models
 

@@ -73,7 +73,7 @@ def _check_floats_finite(tree) -> None:
     bad = [name for (name, _), finite in zip(named, flags, strict=True) if not finite]
     if bad:
         raise FloatingPointError(
-            f"refusing to save a checkpoint: {', '.join(bad[:5])} holds non-finite values"
+            f"refusing to save a checkpoint: non-finite values in {', '.join(bad[:5])}"
         )
 
 
