@@ -34,7 +34,7 @@ def badge(name: str) -> str:
 # ---------------------------------------------------------------- cells every notebook shares
 
 SETUP = code(
-    f'''
+    f"""
     # Setup. In Colab: clone the repository and install it (the configs live at its root).
     # Locally, in a checkout: nothing to install; the repository root is found from here.
     import os
@@ -47,8 +47,10 @@ SETUP = code(
     if IN_COLAB:
         REPO_ROOT = pathlib.Path("/content/diffusion_jax")
         if not REPO_ROOT.exists():
-            subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, str(REPO_ROOT)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO_ROOT)], check=True)
+            subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, str(REPO_ROOT)],
+                           check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(REPO_ROOT)],
+                       check=True)
     else:
         here = pathlib.Path.cwd().resolve()
         REPO_ROOT = next(
@@ -58,7 +60,7 @@ SETUP = code(
             raise RuntimeError(f"{{here}} is not inside a diffusion_jax checkout (no configs/)")
     os.chdir(REPO_ROOT)
     sys.path.insert(0, str(REPO_ROOT))  # `configs` is a package at the repository root
-    '''
+    """
 )
 
 PARAMETERS_DOC = md(
@@ -94,7 +96,7 @@ DIGITS_RUN = code(
 
 
     def digits_config():
-        """configs/digits.py with DIGITS_STEPS training steps (and a smaller U-Net when smoke testing)."""
+        """configs/digits.py with DIGITS_STEPS training steps (smaller U-Net if SMOKE_TEST)."""
         config = digits.get_config()
         config.training.num_steps = DIGITS_STEPS
         config.training.log_every = max(DIGITS_STEPS // 10, 1)
@@ -108,7 +110,7 @@ DIGITS_RUN = code(
 
 
     def train_or_restore(config, workdir):
-        """(model, state): a finished run in `workdir` is restored, anything else trained (or resumed)."""
+        """(model, state): a finished run in `workdir` is restored, any other trained or resumed."""
         try:
             model, state, step = train.restore_for_inference(config, str(workdir))
             if step >= config.training.num_steps:
@@ -148,10 +150,12 @@ def quickstart() -> list[nbformat.NotebookNode]:
         code(
             """
             SMOKE_TEST = os.environ.get("DIFFUSION_JAX_SMOKE_TEST", "0") == "1"
-            WORKDIR = pathlib.Path(os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs"))
-            TOY_STEPS = 60 if SMOKE_TEST else 4000  # configs/toy2d.py: 4000
+            WORKDIR = pathlib.Path(
+                os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs")
+            )
+            TOY_STEPS = 200 if SMOKE_TEST else 4000  # configs/toy2d.py: 4000
             NUM_POINTS = 200 if SMOKE_TEST else 2000  # samples drawn from the toy model
-            DIGITS_STEPS = 20 if SMOKE_TEST else 2000  # configs/digits.py: 2000 (a few minutes on CPU)
+            DIGITS_STEPS = 20 if SMOKE_TEST else 2000  # configs/digits.py: a few minutes on CPU
             """
         ),
         IMPORTS,
@@ -235,11 +239,13 @@ def quickstart() -> list[nbformat.NotebookNode]:
 
             def make_toy_sampler(name, num_steps):
                 options = {"prediction": toy_config.diffusion.target, "clip_x0": False}
-                return samplers.make_sampler(name, schedule=toy_process, num_steps=num_steps, **options)
+                return samplers.make_sampler(
+                    name, schedule=toy_process, num_steps=num_steps, **options
+                )
 
 
             def recording(model_fn, visited):
-                \"\"\"model_fn that appends each input x_t [B, 2] to `visited`, in evaluation order.\"\"\"
+                \"\"\"model_fn that appends each input x_t [B, 2] to `visited`, in order.\"\"\"
 
                 def recorded(x, t, cond=None):
                     jax.debug.callback(lambda x_t: visited.append(np.asarray(x_t)), x, ordered=True)
@@ -262,13 +268,12 @@ def quickstart() -> list[nbformat.NotebookNode]:
         ),
         code(
             """
-            data_config = toy_config.data
-            reference = next(
-                data.make_dataset(
-                    data_config, split="train", seed=0, global_batch_size=NUM_POINTS,
-                    process_index=0, process_count=1,
-                )
-            )["x"]
+            # As many training points as samples, from the data pipeline training reads.
+            iterator = data.make_dataset(
+                toy_config.data, split="train", seed=0, global_batch_size=NUM_POINTS
+            )
+            reference = next(iterator)["x"]  # [N, 2]
+            iterator.close()
 
             fig, axes = plt.subplots(2, 4, figsize=(16, 8), sharex=True, sharey=True)
             axes[0, 0].scatter(*reference.T, s=2, c="gray")
@@ -284,8 +289,8 @@ def quickstart() -> list[nbformat.NotebookNode]:
                 axes[1, column].scatter(*path[-1].T, s=6, c="k", zorder=3)
                 axes[1, column].set_title(f"{name}: paths from x_T to x_0")
             for axis in axes.flat:
-                axis.set_xlim(-2.5, 2.5)
-                axis.set_ylim(-2.5, 2.5)
+                axis.set_xlim(-3, 3)  # points a poorly trained model throws far away are cut
+                axis.set_ylim(-3, 3)
                 axis.set_aspect("equal")
             plt.show()
             """
@@ -310,9 +315,9 @@ def quickstart() -> list[nbformat.NotebookNode]:
             digits_model, digits_state = train_or_restore(digits_cfg, DIGITS_WORKDIR)
             digits_params = train.inference_params(digits_state, digits_cfg)
 
-            # 64 samples with the configured sampler (100 DDIM steps), as `--mode=sample` draws them.
+            # 64 samples with the configured sampler (100 DDIM steps), as `--mode=sample` does.
             generate = jax.jit(sampling_run.make_generate_fn(digits_cfg, digits_model, count=64))
-            images = np.asarray(generate(digits_params, jax.random.key(2)))  # [64, 8, 8, 1] in [-1, 1]
+            images = np.asarray(generate(digits_params, jax.random.key(2)))  # [64, 8, 8, 1]
 
             from diffusion_jax import metrics_writer
 
@@ -366,10 +371,12 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
         code(
             """
             SMOKE_TEST = os.environ.get("DIFFUSION_JAX_SMOKE_TEST", "0") == "1"
-            WORKDIR = pathlib.Path(os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs"))
-            STEP_COUNTS = (4, 8) if SMOKE_TEST else (5, 10, 20, 50, 100)
+            WORKDIR = pathlib.Path(
+                os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs")
+            )
+            STEP_COUNTS = (8,) if SMOKE_TEST else (5, 10, 20, 50, 100)
             ODE_TOLERANCES = (1e-2,) if SMOKE_TEST else (1e-1, 1e-2, 1e-3, 1e-4)
-            MIXTURE_SAMPLES = 256 if SMOKE_TEST else 4000
+            MIXTURE_SAMPLES = 2000 if SMOKE_TEST else 20000  # the exact model is cheap
             DIGITS_STEPS = 20 if SMOKE_TEST else 2000  # configs/digits.py; the quick start's run
             DIGITS_SAMPLES = 128 if SMOKE_TEST else 1000
             DIGITS_STEP_COUNTS = (4,) if SMOKE_TEST else (5, 10, 20, 50)
@@ -417,10 +424,10 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
 
             def plot_sweeps(results, *, ylabel, floor=None, title=""):
                 plt.figure(figsize=(8, 5))
-                for name, points in results.items():
+                for index, (name, points) in enumerate(results.items()):
                     nfe, quality = zip(*points)
                     style = "--" if name.startswith(("ddpm", "euler_maruyama", "pc")) else "-"
-                    plt.plot(nfe, quality, style, marker="o", label=name)
+                    plt.plot(nfe, quality, style, marker="o", color=plt.cm.tab20(index), label=name)
                 if floor is not None:
                     plt.axhline(floor, color="gray", ls=":", label="sampling noise floor")
                 plt.xscale("log")
@@ -456,6 +463,16 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
             FLOW = noise_schedule.FlowSchedule()
 
 
+            # GaussianMixture.sample passes the shape where jax.random.categorical expects the axis.
+            def draw_mixture(rng, num_samples):
+                \"\"\"Draws [N, D] of MIXTURE: component k ~ weights, then N(mu_k, diag(v_k)).\"\"\"
+                component_key, normal_key = jax.random.split(rng)
+                log_weights = jnp.log(MIXTURE.weights)
+                components = jax.random.categorical(component_key, log_weights, shape=[num_samples])
+                normal = jax.random.normal(normal_key, (num_samples, MIXTURE.means.shape[1]))
+                return MIXTURE.means[components] + jnp.sqrt(MIXTURE.variances[components]) * normal
+
+
             def exact_model(schedule, prediction):
                 \"\"\"The optimal network of the mixture, at the network time of `schedule`.\"\"\"
                 alpha_sigma_fn = lambda t: schedule.alpha_sigma(schedule.t_from_model_time(t))
@@ -470,9 +487,8 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
                 return float(np.sqrt(np.mean((x_proj - y_proj) ** 2)))
 
 
-            reference, _ = MIXTURE.sample(jax.random.key(10), MIXTURE_SAMPLES)
-            reference = np.asarray(reference)
-            second_draw = np.asarray(MIXTURE.sample(jax.random.key(11), MIXTURE_SAMPLES)[0])
+            reference = np.asarray(draw_mixture(jax.random.key(10), MIXTURE_SAMPLES))
+            second_draw = np.asarray(draw_mixture(jax.random.key(11), MIXTURE_SAMPLES))
             floor = sliced_wasserstein(second_draw, reference)
             quality = lambda x: sliced_wasserstein(x, reference)
             mixture_noise = jax.random.normal(jax.random.key(0), (MIXTURE_SAMPLES, 2))
@@ -486,7 +502,8 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
                     name, schedule, model_fn, mixture_noise, quality,
                     step_counts=STEP_COUNTS, prediction=prediction, clip_x0=False,
                 )
-                print(f"{name:15s}", ", ".join(f"NFE {n}: {q:.3f}" for n, q in mixture_results[name]))
+                points = mixture_results[name]
+                print(f"{name:15s}", ", ".join(f"NFE {n}: {q:.3f}" for n, q in points))
             plot_sweeps(mixture_results, ylabel="sliced W2 to the mixture", floor=floor,
                         title="exact model of a Gaussian mixture")
             """
@@ -526,7 +543,7 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
 
 
             def fd_digits(images):
-                \"\"\"Fréchet distance of images [N, 8, 8, 1] to the training split, classifier features.\"\"\"
+                \"\"\"Fréchet distance of images [N, 8, 8, 1] to the training images.\"\"\"
                 sample_features = extractor(images)
                 return metrics.frechet_distance(
                     sample_features.mean(0), np.cov(sample_features, rowvar=False),
@@ -544,7 +561,8 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
                     variance_type=digits_cfg.diffusion.variance_type,
                     clip_x0=digits_cfg.sampling.clip_x0,
                 )
-                print(f"{name:15s}", ", ".join(f"NFE {n}: {q:.2f}" for n, q in digits_results[name]))
+                points = digits_results[name]
+                print(f"{name:15s}", ", ".join(f"NFE {n}: {q:.2f}" for n, q in points))
             plot_sweeps(digits_results, ylabel="fd_digits (Fréchet distance, classifier features)",
                         title=f"digits model after {DIGITS_STEPS} training steps")
             """
@@ -588,7 +606,9 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
         code(
             """
             SMOKE_TEST = os.environ.get("DIFFUSION_JAX_SMOKE_TEST", "0") == "1"
-            WORKDIR = pathlib.Path(os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs"))
+            WORKDIR = pathlib.Path(
+                os.environ.get("DIFFUSION_JAX_COLABS_WORKDIR", "/tmp/diffusion_jax_colabs")
+            )
             MIXTURE_POINTS = 64 if SMOKE_TEST else 1000
             DIGITS_STEPS = 20 if SMOKE_TEST else 2000  # configs/digits.py; the quick start's run
             DIGITS_IMAGES = 8 if SMOKE_TEST else 64  # test images scored
@@ -619,9 +639,22 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
             alpha_sigma_fn = lambda t: DISCRETE.alpha_sigma(DISCRETE.t_from_model_time(t))
             exact_eps = gaussian_mixture.exact_model_fn(MIXTURE, alpha_sigma_fn, "eps")
 
-            x0, _ = MIXTURE.sample(jax.random.key(0), MIXTURE_POINTS)  # [N, 2]
+
+            # GaussianMixture.sample passes the shape where jax.random.categorical expects the axis.
+            def draw_mixture(rng, num_samples):
+                \"\"\"Draws [N, D] of MIXTURE: component k ~ weights, then N(mu_k, diag(v_k)).\"\"\"
+                component_key, normal_key = jax.random.split(rng)
+                log_weights = jnp.log(MIXTURE.weights)
+                components = jax.random.categorical(component_key, log_weights, shape=[num_samples])
+                normal = jax.random.normal(normal_key, (num_samples, MIXTURE.means.shape[1]))
+                return MIXTURE.means[components] + jnp.sqrt(MIXTURE.variances[components]) * normal
+
+
+            x0 = draw_mixture(jax.random.key(0), MIXTURE_POINTS)  # [N, 2]
             bound = jax.jit(
-                lambda x, rng: likelihood.bits_per_dim(PROCESS, exact_eps, x, rng, decoder="gaussian")
+                lambda x, rng: likelihood.bits_per_dim(
+                    PROCESS, exact_eps, x, rng, decoder="gaussian"
+                )
             )(x0, jax.random.key(1))
             true_bits = -MIXTURE.log_prob(x0) / (2 * np.log(2.0))  # [N]
             print(f"true -log2 p(x) / D : {float(true_bits.mean()):.4f} bits/dim")
@@ -651,6 +684,7 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
             right.plot(steps, np.cumsum(terms), label="L_0 + ... + L_t")
             right.axhline(float(true_bits.mean()), color="k", ls=":", label="true -log2 p(x) / D")
             right.set_xscale("symlog", linthresh=10)
+            right.set_xlim(0, len(terms))
             right.set_xlabel("t")
             right.set_ylabel("bits/dim")
             right.set_title("cumulative bound")
@@ -738,11 +772,13 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
             digits_terms = np.asarray(digits_bound["terms"]).mean(0)  # [T]
             plt.figure(figsize=(6, 4))
             plt.plot(np.arange(1, len(digits_terms)), digits_terms[1:], label="L_t, t >= 1")
-            plt.axhline(digits_terms[0], color="C1", ls="--", label=f"L_0 (decoder) = {digits_terms[0]:.3f}")
+            plt.axhline(digits_terms[0], color="C1", ls="--",
+                        label=f"L_0 (decoder) = {digits_terms[0]:.3f}")
             plt.yscale("log")
             plt.xlabel("t")
             plt.ylabel("bits/dim")
-            plt.title(f"digits: L_t against t (total {float(digits_bound['total'].mean()):.3f} bits/dim)")
+            total = float(digits_bound["total"].mean())
+            plt.title(f"digits: L_t against t (total {total:.3f} bits/dim)")
             plt.legend()
             plt.show()
             """

@@ -28,7 +28,9 @@ CELL_TIMEOUT_S = 900  # generous: the CPU may be shared; a healthy smoke run tak
 
 
 def load_builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", COLABS_DIR / "build_notebooks.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_notebooks", COLABS_DIR / "build_notebooks.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
