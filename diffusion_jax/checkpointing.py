@@ -69,7 +69,9 @@ def _check_floats_finite(tree) -> None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
     ]
-    flags = jax.device_get(_finite_flags([leaf for _, leaf in named]))
+    flags = multihost_utils.process_allgather(
+        _finite_flags([leaf for _, leaf in named]), tiled=True
+    )
     bad = [name for (name, _), finite in zip(named, flags, strict=True) if not finite]
     if bad:
         raise FloatingPointError(
