@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import gaussian_mixture
 from diffusion_jax import process as process_lib
 from diffusion_jax.evaluation import ode_likelihood
 from diffusion_jax.samplers import noise_schedule
-from diffusion_jax import gaussian_mixture
 from tests import gaussian_data
 
 MEAN = np.asarray([0.3, -0.5, 0.1], np.float32)
