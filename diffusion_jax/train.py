@@ -450,8 +450,14 @@ def train_loop(run: Run) -> bool:
     training = run.config.training
     step = run.host_step
     throughput, pending = Throughput(step), []
+    # Steps dispatched ahead of the device: one more on accelerators keeps them busy. XLA:CPU
+    # runs the collectives of all (fake) devices on one thread pool, where two executions in
+    # flight can deadlock, so there each step waits for the previous one.
+    in_flight = 1 if jax.default_backend() == "cpu" else 2
     while step < training.num_steps:
         batch = run.strategy.device_batch(next(run.data_iterator))
+        if len(pending) >= in_flight:
+            jax.block_until_ready(pending[-in_flight])
         run.state, metrics = run.train_step(run.state, batch, run.train_rng)
         step += 1
         pending.append(metrics)
