@@ -179,9 +179,11 @@ class PmapStrategy:
         return jax.device_count()
 
     def _replicate(self, tree):
-        """A host copy per local device, stacked on a leading axis (pmap shards it)."""
+        """A copy per local device on a leading axis, placed as pmap places its outputs (so
+        the train step sees the same input shardings at every call and compiles once)."""
         count = len(self.devices)
-        return jax.tree.map(lambda x: np.stack([np.asarray(x)] * count), tree)
+        stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * count), tree)
+        return jax.pmap(lambda x: x, devices=self.devices)(stacked)
 
     def init_state(self, create_fn: Callable, rng: jax.Array):
         return self._replicate(jax.jit(create_fn)(rng))
