@@ -18,6 +18,7 @@ def get_config(size: str = ""):
     config = default.get_config()  # the default is the DDPM CIFAR-10 setting
     config.data.name = "cifar10"
     config.diffusion.variance_type = "fixed_large"
+    config.training.ema_warmup = False  # the paper's plain EMA
     config.training.eval_every = 50_000
     config.eval.num_batches = 4
     return default.finalize(config, size)

@@ -90,6 +90,8 @@ def training_config() -> ml_collections.ConfigDict:
     training.num_steps = 800_000
     training.seed = 0
     training.ema_decays = (0.9999,)
+    # decay min(d, (1 + step) / (10 + step)): needed by short runs (see train_state.ema_decay_at)
+    training.ema_warmup = True
     training.log_every = 100
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3

@@ -146,6 +146,7 @@ def make_train_step(
     lr_schedule: optax.Schedule,
     *,
     ema_decays: tuple[float, ...],
+    ema_warmup: bool = True,
     axis_name: str | None = None,
 ) -> Callable:
     """The pure `train_step(state, batch, rng) -> (state, metrics)`.
@@ -170,7 +171,9 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = tuple(
-            train_state_lib.update_ema(ema, params, decay)
+            train_state_lib.update_ema(
+                ema, params, train_state_lib.ema_decay_at(decay, state.step, warmup=ema_warmup)
+            )
             for ema, decay in zip(state.ema_params, ema_decays, strict=True)
         )
         history = state.loss_history
@@ -293,6 +296,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         tx,
         lr_schedule,
         ema_decays=tuple(config.training.ema_decays),
+        ema_warmup=config.training.ema_warmup,
         axis_name=axis_name,
     )
     abstract = jax.eval_shape(create_fn, init_rng)
