@@ -31,7 +31,9 @@ class GaussianMixture:
     def sample(self, rng: jax.Array, num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray]:
         """num_samples draws x [N, D] and their components [N]."""
         component_key, normal_key = jax.random.split(rng)
-        components = jax.random.categorical(component_key, jnp.log(self.weights), (num_samples,))
+        components = jax.random.categorical(
+            component_key, jnp.log(self.weights), shape=(num_samples,)
+        )
         normal = jax.random.normal(normal_key, (num_samples, self.means.shape[1]))
         return self.means[components] + jnp.sqrt(self.variances[components]) * normal, components
 
