@@ -168,6 +168,12 @@ class MeshStrategy:
         return params
 
 
+def _first_replica(x: jax.Array) -> jax.Array:
+    """This process's first copy of a pmapped array [devices, ...] -> [...]."""
+    shard = x.addressable_data(0)
+    return shard[0] if shard.ndim == x.ndim else shard  # some JAX versions keep the axis
+
+
 @dataclasses.dataclass
 class PmapStrategy:
     """jax.pmap over the local devices of every process; the state has a device axis."""
@@ -200,7 +206,7 @@ class PmapStrategy:
 
     def checkpointable(self, state):
         """The state without its device axis (the copies are identical)."""
-        return jax.tree.map(lambda x: x.addressable_data(0), state)
+        return jax.tree.map(_first_replica, state)
 
     def compile_train_step(self, train_step: Callable, abstract_state) -> Callable:
         stepped = jax.pmap(
@@ -225,7 +231,7 @@ class PmapStrategy:
         return jax.device_put(local_batch, self.devices[0])
 
     def params_for_inference(self, params):
-        return jax.tree.map(lambda x: x.addressable_data(0), params)
+        return jax.tree.map(_first_replica, params)
 
 
 Strategy = MeshStrategy | PmapStrategy
