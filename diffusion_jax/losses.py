@@ -206,7 +206,7 @@ def with_label_dropout(loss_fn: LossFn, *, rate: float, null_label: int) -> Loss
     """Replace each label by `null_label` with probability `rate`, for classifier-free guidance
     (Ho & Salimans 2022, Algorithm 1)."""
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"model.label_dropout must be in [0, 1], got {rate}")
+        raise ValueError(f"diffusion.label_dropout must be in [0, 1], got {rate}")
 
     def dropped_loss_fn(params, batch, rng, loss_history=None):
         drop_rng, rng = jax.random.split(rng)

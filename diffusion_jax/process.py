@@ -47,8 +47,10 @@ class DiffusionProcess:
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta_tilde_0 = 0: its log is clipped to the next value, as in Ho et al.'s code.
-        clipped = np.concatenate([posterior_variance[1:2], posterior_variance[1:]])
+        # beta_tilde_0 = 0: its log is clipped to the next value, as in Ho et al.'s code
+        # (to beta_0 on a one-step chain, which has no next value).
+        first_variance = posterior_variance[1] if len(betas) > 1 else betas[0]
+        clipped = np.concatenate([[first_variance], posterior_variance[1:]])
         if model_timesteps is None:
             model_timesteps = np.arange(len(betas))
         arrays = dict(
@@ -177,8 +179,9 @@ def model_log_variance(
     if variance_type == "fixed_small":
         return min_log
     if variance_type == "fixed_large":
-        first = jnp.concatenate([process.posterior_variance[1:2], process.betas[1:]])
-        return gather(jnp.log(first), t, ndim)
+        # beta_t, except beta_tilde_1 at t = 0 (the clipped posterior value there).
+        large = process.betas.at[0].set(jnp.exp(process.posterior_log_variance_clipped[0]))
+        return gather(jnp.log(large), t, ndim)
     if variance_type == "learned":
         return variance_values
     max_log = gather(process.log_betas, t, ndim)

@@ -182,3 +182,14 @@ def test_bad_variance_type_and_prediction():
         parameterization.convert(jnp.zeros(2), jnp.zeros(2), 1.0, 1.0, source="noise", target="x0")
     with pytest.raises(ValueError, match="num_steps"):
         process_lib.respace(schedules.get_betas("linear", 100), 101)
+
+
+def test_one_step_chain_has_finite_coefficients_for_every_variance_type():
+    """A one-step respacing (K = 1) has no beta_tilde_1 to clip to: beta_0 stands in."""
+    process = process_lib.respace(schedules.get_betas("linear", 1000), 1)
+    x = jnp.ones((2, 3))
+    for variance_type in ("fixed_small", "fixed_large"):
+        out = process_lib.p_mean_variance(
+            process, x, x, jnp.zeros(2, jnp.int32), variance_type=variance_type
+        )
+        np.testing.assert_allclose(out["log_variance"][:, 0], np.log(process.betas[0]), rtol=1e-6)
