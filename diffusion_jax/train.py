@@ -357,15 +357,11 @@ def evaluate_bits_per_dim(run: Run, step: int) -> float:
     """Mean bits/dim of the EMA model on `eval.num_batches` batches of `data.eval_split`."""
     config = run.config
     parallel.check_batch_size(config.eval.batch_size, run.strategy.num_devices)
-    iterator = data.make_dataset(
+    iterator = data.make_eval_dataset(
         config.data,
         split=config.data.eval_split,
         seed=config.training.seed,
         global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        shuffle=False,
-        num_epochs=1,
     )
     params = inference_params(run.state, config, run.strategy)
     rng = jax.random.fold_in(run.sample_rng, step)

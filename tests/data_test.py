@@ -489,3 +489,18 @@ def test_mocked_cifar10_mnist_and_celeb_a_have_the_documented_shapes():
                 seed=0,
                 global_batch_size=8,
             )
+
+
+def test_eval_dataset_is_one_ordered_unflipped_pass_whatever_the_config():
+    flipping = _config(random_flip=True)
+    flipping.lock()
+    batches = list(data.make_eval_dataset(flipping, split="test", seed=3, global_batch_size=33))
+    reference = list(
+        data.make_dataset(
+            _config(), split="test", seed=3, global_batch_size=33, shuffle=False, num_epochs=1
+        )
+    )
+    assert len(batches) == 297 // 33 == len(reference)
+    np.testing.assert_array_equal(_concat(batches), _concat(reference))
+    np.testing.assert_array_equal(_concat(batches, "label"), _concat(reference, "label"))
+    assert flipping.random_flip  # the caller's config is left as it was

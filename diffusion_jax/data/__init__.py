@@ -5,7 +5,12 @@
 `get_state`/`set_state`. `DATASETS` maps the names allowed in `data.name` to builders.
 """
 
-from diffusion_jax.data.pipeline import DataIterator, local_batch_size, make_dataset
+from diffusion_jax.data.pipeline import (
+    DataIterator,
+    local_batch_size,
+    make_dataset,
+    make_eval_dataset,
+)
 from diffusion_jax.data.registry import DATASETS, DatasetInfo, build_source, dataset_info
 from diffusion_jax.data.sources import DataSource
 
@@ -18,4 +23,5 @@ __all__ = [
     "dataset_info",
     "local_batch_size",
     "make_dataset",
+    "make_eval_dataset",
 ]

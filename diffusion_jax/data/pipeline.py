@@ -13,10 +13,12 @@ uninterrupted iterator would have yielded (across epochs and flips), even on ano
 number of processes.
 """
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -206,4 +208,23 @@ def make_dataset(
         use_labels=data_config.use_labels,
         num_workers=data_config.num_workers,
         stream_identity=stream_identity,
+    )
+
+
+def make_eval_dataset(
+    data_config: ml_collections.ConfigDict, *, split: str, seed: int, global_batch_size: int
+) -> DataIterator:
+    """One pass over `split` in order, unflipped, in this process's share of each batch."""
+    unflipped = copy.deepcopy(data_config)
+    with unflipped.unlocked():
+        unflipped.random_flip = False
+    return make_dataset(
+        unflipped,
+        split=split,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        shuffle=False,
+        num_epochs=1,
     )

@@ -16,7 +16,6 @@ over the mesh's devices; class-conditional models are evaluated at the data's la
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 
 import jax
@@ -59,17 +58,11 @@ def check_options(config: ml_collections.ConfigDict) -> None:
 
 def eval_batches(config: ml_collections.ConfigDict) -> Iterator[dict]:
     """This process's rows of the first `eval.num_batches` batches of data.eval_split."""
-    data_config = copy.deepcopy(config.data)
-    data_config.random_flip = False
-    iterator = data.make_dataset(
-        data_config,
+    iterator = data.make_eval_dataset(
+        config.data,
         split=config.data.eval_split,
         seed=config.eval.seed,
         global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        shuffle=False,
-        num_epochs=1,
     )
     try:
         yield from (batch for _, batch in zip(range(config.eval.num_batches), iterator))

@@ -164,17 +164,11 @@ def extract_gathered(extractor, local_images: list[np.ndarray]) -> tuple[np.ndar
 
 def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
     """Features and logits of `eval.reference_split` (unflipped, one pass, whole batches)."""
-    data_config = copy.deepcopy(config.data)
-    data_config.random_flip = False
-    iterator = data.make_dataset(
-        data_config,
+    iterator = data.make_eval_dataset(
+        config.data,
         split=config.eval.reference_split,
         seed=config.eval.seed,
         global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        shuffle=False,
-        num_epochs=1,
     )
     try:
         local_images = [np.asarray(batch["x"]) for batch in iterator]
