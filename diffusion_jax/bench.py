@@ -33,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import models as model_presets
-from diffusion_jax import models, parallel, samplers, sampling_run, train
+from diffusion_jax import compilation, models, parallel, samplers, sampling_run, train
 
 # Dense peak TFLOP/s per JAX device, from the vendors' data sheets (H100/H200 SXM: 989
 # bf16, 67 fp32 without tensor cores; REFERENCE.md measured ~798 bf16 on the lent H100).
@@ -49,13 +49,6 @@ PEAK_TFLOPS = {
 }
 SAMPLERS = ("ddim", "dpm_solver++")
 COMPARE = ("none", "diffusers")
-
-# XLA:CPU (jaxlib 0.10) sends convolutions to YNNPACK by default; its weight-gradient
-# convolution (a 32x32 "kernel" over the batch) is ~3x slower than Eigen's, which made our
-# train step 0.65x PyTorch's. Keeping YNNPACK for dots only routes convolutions to Eigen.
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +69,9 @@ class BenchOptions:
 
 
 def compiler_options(options: BenchOptions) -> dict[str, str]:
-    """Per-executable XLA options: on the CPU, convolutions go to Eigen (see above)."""
-    if jax.default_backend() == "cpu" and not options.ynn_convolutions:
-        return dict(CPU_COMPILER_OPTIONS)
-    return {}
+    """The XLA options of training runs (`compilation.compiler_options`: on the CPU,
+    convolutions in Eigen), or XLA's defaults with `ynn_convolutions`."""
+    return {} if options.ynn_convolutions else compilation.compiler_options()
 
 
 def interleaved_times(
@@ -102,7 +94,7 @@ def compile_timed(jitted, *args, options: dict[str, str]):
     """(compiled executable, {"wall_s": ..., "cpu_s": ...}) to trace, lower and compile it. The CPU
     time of this process is the steadier figure on a machine shared with other work."""
     wall, cpu = time.perf_counter(), time.process_time()
-    compiled = jitted.lower(*args).compile(compiler_options=options)
+    compiled = compilation.compile_ahead(jitted, *args, options=options)
     return compiled, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 

@@ -27,6 +27,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffusion_jax.compilation import CompiledTogether
+
 STRATEGIES = ("data", "fsdp", "pmap")
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
@@ -148,12 +150,13 @@ class MeshStrategy:
     def compile_train_step(self, train_step: Callable, abstract_state) -> Callable:
         shardings = self.state_shardings(abstract_state)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(
+        jitted = jax.jit(
             train_step,
             in_shardings=(shardings, self.batch_sharding(), replicated),
             out_shardings=(shardings, replicated),
             donate_argnums=(0,),
         )
+        return CompiledTogether(jitted, "train_step")
 
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -209,8 +212,9 @@ class PmapStrategy:
         return jax.tree.map(_first_replica, state)
 
     def compile_train_step(self, train_step: Callable, abstract_state) -> Callable:
-        stepped = jax.pmap(
-            train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,)
+        stepped = CompiledTogether(
+            jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,)),
+            "train_step",
         )
 
         def step(state, batch, rng):

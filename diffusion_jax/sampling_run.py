@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import losses, metrics_writer, models, samplers
+from diffusion_jax import compilation, losses, metrics_writer, models, samplers
 from diffusion_jax import process as process_lib
 from diffusion_jax.samplers import noise_schedule
 
@@ -150,7 +150,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
 
     model, state, step = train.restore_for_inference(config, workdir)
     params = train.inference_params(state, config)
-    generate = jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size))
+    generate = compilation.CompiledTogether(
+        jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size)), "generate"
+    )
     rng = jax.random.key(config.sampling.seed)
     batches = []
     for index in range(-(-config.sampling.num_images // config.sampling.batch_size)):

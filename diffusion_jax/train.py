@@ -25,6 +25,7 @@ from absl import logging
 
 from diffusion_jax import (
     checkpointing,
+    compilation,
     config_validation,
     data,
     likelihood,
@@ -316,10 +317,13 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         sigterm=checkpointing.SigtermFlag(),
         train_rng=train_rng,
         sample_rng=sample_rng,
-        generate=jax.jit(
-            sampling_run.make_generate_fn(config, model, count=config.sampling.num_images)
+        generate=compilation.CompiledTogether(
+            jax.jit(sampling_run.make_generate_fn(config, model, count=config.sampling.num_images)),
+            "generate",
         ),
-        bits_per_dim=jax.jit(make_bits_per_dim_fn(config, model)),
+        bits_per_dim=compilation.CompiledTogether(
+            jax.jit(make_bits_per_dim_fn(config, model)), "bits_per_dim"
+        ),
     )
 
 

@@ -95,7 +95,7 @@ def test_sampling_is_split_over_every_device_and_compiles_once():
     setting = run.sampler_settings(config)[0]
     generate = run.make_sharded_generate(config, model, mesh, setting)
     first, second = (generate(params, jax.random.key(seed)) for seed in (1, 2))
-    assert generate._cache_size() == 1  # one compiled program for every batch
+    assert len(generate.compiled) == 1  # one compiled program for every batch
     # One row per device: the work of a batch of 8 was split over all 8 devices.
     assert len(first.addressable_shards) == 8
     assert all(shard.data.shape == (1, 8, 8, 1) for shard in first.addressable_shards)

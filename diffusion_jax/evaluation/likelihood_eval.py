@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion_jax import data, parallel, sampling_run
+from diffusion_jax import compilation, data, parallel, sampling_run
 from diffusion_jax.evaluation import ode_likelihood
 
 LIKELIHOODS = ("vlb", "ode")
@@ -118,9 +118,10 @@ def describe(name: str, config: ml_collections.ConfigDict) -> str:
 def evaluate_likelihood(name: str, config: ml_collections.ConfigDict, model, params, mesh) -> dict:
     """Mean bits/dim ("vlb" or "ode") over the eval batches, its standard error and NFE."""
     if name == "vlb":
-        jitted = jax.jit(make_vlb_bits_per_dim_fn(config, model))
+        bits_per_dim_fn = make_vlb_bits_per_dim_fn(config, model)
     else:
-        jitted = jax.jit(make_ode_bits_per_dim_fn(config, model))
+        bits_per_dim_fn = make_ode_bits_per_dim_fn(config, model)
+    jitted = compilation.CompiledTogether(jax.jit(bits_per_dim_fn), f"{name}_bits_per_dim")
     batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), LIKELIHOODS.index(name))
     values, nfes = [], []

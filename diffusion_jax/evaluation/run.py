@@ -34,7 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion_jax import data, parallel, samplers, sampling_run
+from diffusion_jax import compilation, data, parallel, samplers, sampling_run
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import likelihood_eval, metrics
 
@@ -125,7 +125,8 @@ def make_sharded_generate(config, model, mesh, setting: dict):
     """jit of `generate(params, rng) -> [eval.batch_size, ...]`, its rows split over the mesh."""
     variant = with_sampler(config, setting)
     generate = sampling_run.make_generate_fn(variant, model, count=config.eval.batch_size)
-    return jax.jit(generate, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS)))
+    sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+    return compilation.CompiledTogether(jax.jit(generate, out_shardings=sharding), "eval_generate")
 
 
 def generate_local_samples(config, model, params, mesh, setting: dict) -> list[np.ndarray]:
