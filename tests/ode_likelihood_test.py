@@ -54,22 +54,49 @@ def check_transport(result, x, schedule, *, atol):
     np.testing.assert_allclose(end + result["delta_log_prob"], start, atol=atol)
 
 
+DDPM = process_lib.make_process("linear", 1000)
+
+
 @pytest.mark.parametrize(
-    "schedule",
-    [VP, process_lib.make_process("linear", 1000)],
-    ids=["vp_continuous", "ddpm_discrete"],
+    "schedule, step_to_kinks, atol, max_nfe",
+    [(VP, False, 1e-4, 1000), (DDPM, True, 1e-3, 7000)],
+    ids=["vp_continuous", "ddpm_discrete_onto_its_steps"],
 )
-def test_exact_divergence_matches_closed_form(schedule):
-    fn = ode_likelihood.make_ode_log_likelihood_fn(schedule, divergence="exact")
+def test_exact_divergence_matches_closed_form(schedule, step_to_kinks, atol, max_nfe):
+    fn = ode_likelihood.make_ode_log_likelihood_fn(
+        schedule, divergence="exact", step_to_kinks=step_to_kinks
+    )
     view = noise_schedule.as_noise_schedule(schedule)
     x = gaussian_points(16)
     result = jax.jit(fn, static_argnums=0)(gaussian_model_fn(view), x, jax.random.key(1))
-    check_transport(result, x, view, atol=2e-3)
+    check_transport(result, x, view, atol=atol)
     # The N(0, sigma_T^2 I) prior is not p_T: alpha_T ~ 7e-3 leaves ~ alpha_T |MEAN . z| ~ 1e-2.
     alpha, sigma = view.alpha_sigma(jnp.float32(view.t_min))
     expected = gaussian_log_prob(x, alpha, sigma)
     np.testing.assert_allclose(result["log_likelihood"], expected, atol=3e-2)
-    assert 20 < int(result["nfe"]) < 1000 and (int(result["nfe"]) - 1) % 6 == 0
+    assert 20 < int(result["nfe"]) < max_nfe and (int(result["nfe"]) - 1) % 6 == 0
+
+
+def test_stepping_over_a_discrete_schedules_kinks_trades_accuracy_for_evaluations():
+    """DDPM's log alpha is piecewise linear in t: across its steps the field's slope jumps,
+    which the embedded error estimate misses (measured: 4.9e-3 nats over 3 dimensions with
+    721 evaluations, against 3.3e-4 with 5995 when the steps land on the kinks)."""
+    view = noise_schedule.as_noise_schedule(DDPM)
+    x = gaussian_points(16)
+    errors, evaluations = {}, {}
+    for step_to_kinks in (False, True):
+        fn = ode_likelihood.make_ode_log_likelihood_fn(
+            DDPM, divergence="exact", step_to_kinks=step_to_kinks
+        )
+        result = jax.jit(fn, static_argnums=0)(gaussian_model_fn(view), x, jax.random.key(1))
+        alpha_min, sigma_min = view.alpha_sigma(jnp.float32(view.t_min))
+        alpha_max, sigma_max = view.alpha_sigma(jnp.float32(view.t_max))
+        transported = gaussian_log_prob(result["z"], alpha_max, sigma_max)
+        error = transported + result["delta_log_prob"] - gaussian_log_prob(x, alpha_min, sigma_min)
+        errors[step_to_kinks] = float(jnp.max(jnp.abs(error)))
+        evaluations[step_to_kinks] = int(result["nfe"])
+    assert errors[True] < 1e-3 < errors[False] < 1e-2, errors
+    assert evaluations[False] < 1000 < 6 * 999 <= evaluations[True], evaluations
 
 
 def test_rademacher_is_exact_for_a_diagonal_jacobian():

@@ -11,6 +11,7 @@ import pytest
 from diffusion_jax import gaussian_mixture, samplers
 from diffusion_jax import process as process_lib
 from diffusion_jax.samplers import ancestral, noise_schedule
+from tests import gaussian_data
 
 NUM_SAMPLES = 3000
 PROCESS = process_lib.make_process("linear", 1000)
@@ -243,3 +244,28 @@ def test_respaced_ddpm_uses_original_model_times():
     np.testing.assert_allclose(
         respaced.alphas_cumprod, PROCESS.alphas_cumprod[respaced.model_timesteps], rtol=1e-5
     )
+
+
+def test_ode_sampler_onto_a_discrete_schedules_steps_follows_the_exact_flow():
+    """Gaussian data N(m, s^2 I): the probability-flow ODE is the affine map
+    x_t = alpha_t m + (std_t / std_T) (x_T - alpha_T m), std_t^2 = alpha_t^2 s^2 + sigma_t^2.
+    Stepping over DDPM's kinks leaves ~1e-3 (577 NFE); landing on them, 5e-5 (5995 NFE)."""
+    mean, std = jnp.asarray([0.3, -0.5]), 0.4
+
+    def model_fn(x, model_t, cond=None):
+        alpha, sigma = SCHEDULE.alpha_sigma(SCHEDULE.t_from_model_time(model_t))
+        return gaussian_data.optimal_eps(x, alpha[:, None], sigma[:, None], mean=mean, std=std)
+
+    noise = jax.random.normal(jax.random.key(0), (64, 2))
+    alpha_0, sigma_0 = SCHEDULE.alpha_sigma(jnp.float32(SCHEDULE.t_min))
+    alpha_T, sigma_T = SCHEDULE.alpha_sigma(jnp.float32(SCHEDULE.t_max))
+    std_0, std_T = jnp.hypot(alpha_0 * std, sigma_0), jnp.hypot(alpha_T * std, sigma_T)
+    exact = alpha_0 * mean + std_0 / std_T * (sigma_T * noise - alpha_T * mean)
+    errors = {}
+    for step_to_kinks in (False, True):
+        sample = samplers.make_sampler(
+            "ode", schedule=PROCESS, num_steps=50, prediction="eps", step_to_kinks=step_to_kinks
+        )
+        x, _ = jax.jit(sample, static_argnums=0)(model_fn, noise, jax.random.key(1))
+        errors[step_to_kinks] = float(jnp.max(jnp.abs(x - exact)))
+    assert errors[True] < 2e-4 < errors[False] < 1e-2, errors

@@ -82,6 +82,7 @@ def make_ode_bits_per_dim_fn(config: ml_collections.ConfigDict, model) -> Callab
         divergence=evaluation.ode_divergence,
         rtol=evaluation.ode_rtol,
         atol=evaluation.ode_atol,
+        step_to_kinks=evaluation.ode_step_to_kinks,
     )
 
     def bits_per_dim(params, batch, rng):

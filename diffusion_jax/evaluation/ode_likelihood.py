@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers import common, noise_schedule
+from diffusion_jax.samplers import common, noise_schedule, ode
 
 DIVERGENCES = ("exact", "rademacher", "gaussian")
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
@@ -97,6 +97,7 @@ def make_ode_log_likelihood_fn(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    step_to_kinks: bool = False,
 ) -> LogLikelihoodFn:
     """`fn(model_fn, x, rng, cond=None)` -> log p_{t_min}(x) in nats by the probability-flow ODE.
 
@@ -105,6 +106,8 @@ def make_ode_log_likelihood_fn(
     Returns "log_likelihood" [B] = "prior_log_prob" [B] + "delta_log_prob" [B], "z" (x at
     t_max) and "nfe", the evaluations of the augmented field (each one network jvp). The
     whole batch shares one adaptive step sequence (its error norm covers every example).
+    `step_to_kinks` lands the steps on a discrete process's steps (`ode.step_size_controller`:
+    ~20x more accurate on DDPM's schedule, at least 6 T evaluations).
     """
     common.check_choice(solver, tuple(SOLVERS), option="ode likelihood solver")
     if not (rtol > 0 and atol > 0):
@@ -133,7 +136,9 @@ def make_ode_log_likelihood_fn(
             t1=schedule.t_max,
             dt0=(schedule.t_max - schedule.t_min) / INITIAL_STEPS,
             y0=(x, jnp.zeros((x.shape[0],), jnp.float32)),
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            stepsize_controller=ode.step_size_controller(
+                schedule, rtol=rtol, atol=atol, step_to_kinks=step_to_kinks
+            ),
             max_steps=max_steps,
         )
         z, delta_log_prob = solution.ys[0][-1], solution.ys[1][-1]

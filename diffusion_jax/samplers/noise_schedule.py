@@ -64,6 +64,10 @@ class NoiseSchedule(abc.ABC):
     def t_from_model_time(self, model_time: jnp.ndarray) -> jnp.ndarray:
         return model_time
 
+    def kink_times(self) -> np.ndarray:
+        """Times in (t_min, t_max) where d alpha / dt and d sigma / dt jump (none: smooth)."""
+        return np.zeros((0,), np.float64)
+
     def alpha_sigma(self, t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         return alpha_sigma_of_log_snr(self.kind, self.log_snr(t))
 
@@ -95,6 +99,11 @@ class DiscreteSchedule(NoiseSchedule):
 
     def log_alpha(self, t: jnp.ndarray) -> jnp.ndarray:
         return jnp.interp(t, self.knot_times, self.knot_log_alphas)
+
+    def kink_times(self) -> np.ndarray:
+        """The inner steps: log alpha is piecewise linear, so its slope jumps there (by ~20%
+        between the first steps of the linear DDPM schedule)."""
+        return np.asarray(self.knot_times, np.float64)[1:-1]
 
     def log_snr(self, t: jnp.ndarray) -> jnp.ndarray:
         log_alpha = self.log_alpha(t)

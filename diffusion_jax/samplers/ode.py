@@ -2,7 +2,8 @@
 
 dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat, which is f x - g^2 score / 2 (Eq. 13 of Song et
 al. 2021) written with the denoiser, integrated from t_max to t_min with error control
-(Dormand-Prince / Tsitouras 5(4), PID step-size controller, tolerances rtol and atol).
+(Dormand-Prince / Tsitouras 5(4), PID step-size controller, tolerances rtol and atol,
+steps landing on the kinks of a discrete schedule).
 """
 
 from __future__ import annotations
@@ -18,6 +19,20 @@ SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 EVALUATIONS_PER_STEP = {"tsit5": 6, "dopri5": 6}
 
 
+def step_size_controller(schedule, *, rtol: float, atol: float, step_to_kinks: bool):
+    """A PID controller with tolerances rtol and atol; with `step_to_kinks`, its steps also end
+    exactly on the schedule's kinks (the steps of a discrete process, where the field's time
+    derivative jumps). An embedded error estimate does not see a step across a jump (both
+    orders err alike there): on the linear DDPM schedule the transported log-density then
+    keeps an error of ~2e-3 nats per dimension whatever the tolerance, against ~1e-4 when
+    stepping onto the kinks, at the price of at least T steps (tests/ode_likelihood_test.py)."""
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    kinks = schedule.kink_times()
+    if not step_to_kinks or kinks.size == 0:
+        return controller
+    return diffrax.ClipStepSizeController(controller, jump_ts=kinks)
+
+
 def make_ode_sampler(
     schedule,
     *,
@@ -27,6 +42,7 @@ def make_ode_sampler(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    step_to_kinks: bool = False,
     denoise_final: bool = False,
     clip_x0: bool = False,
     variance_type: str = "fixed_small",
@@ -34,8 +50,8 @@ def make_ode_sampler(
     """Adaptive solution of the probability-flow ODE; info holds "nfe" and "num_steps".
 
     num_steps sets the first step, (t_max - t_min) / num_steps; the controller then adapts it
-    (at most `max_steps` steps). NFE = 6 (accepted + rejected steps) + 1 (+1 if
-    `denoise_final`, which returns x0_hat at t_min).
+    (at most `max_steps` steps; `step_to_kinks`: see `step_size_controller`). NFE = 6
+    (accepted + rejected steps) + 1 (+1 if `denoise_final`, which returns x0_hat at t_min).
     """
     common.check_num_steps(num_steps, minimum=1, name="ode")
     common.check_choice(solver, tuple(SOLVERS), option="ode solver")
@@ -65,7 +81,9 @@ def make_ode_sampler(
             t1=schedule.t_min,
             dt0=-(schedule.t_max - schedule.t_min) / num_steps,
             y0=sigma_first * noise,
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            stepsize_controller=step_size_controller(
+                schedule, rtol=rtol, atol=atol, step_to_kinks=step_to_kinks
+            ),
             max_steps=max_steps,
         )
         x = solution.ys[-1]
