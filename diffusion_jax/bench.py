@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import platform
 import resource
 import statistics
@@ -322,6 +323,20 @@ def bench_sampling(config, options: BenchOptions, unet=None) -> dict:
     return results
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo on Linux) and its widest vector extension:
+    CPU figures differ between, say, an AVX2 and an AVX-512 machine."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = next((ext for ext in ("avx512f", "avx2", "avx", "sse4_2") if ext in flags), "")
+    return " ".join(filter(None, (fields.get("model name", platform.machine()), vector)))
+
+
 def environment(options: BenchOptions) -> dict:
     """Versions, device and date: what a figure needs to be reproduced."""
     import flax
@@ -336,7 +351,7 @@ def environment(options: BenchOptions) -> dict:
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "num_devices": jax.device_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": compiler_options(options),
