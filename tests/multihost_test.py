@@ -1,10 +1,12 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives) train one model
-together through the command line: they agree with each other and with one process."""
+together through the command line, then evaluate it together: they agree with each other
+and with one process."""
 
 import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +23,13 @@ OVERRIDES = [
     "--config.training.checkpoint_every=6",
     "--config.sampling.num_steps=2",
     "--config.sampling.num_images=4",
+]
+EVAL_OVERRIDES = [
+    "--mode=eval",
+    "--config.eval.num_samples=64",
+    "--config.eval.num_steps=(4,)",
+    "--config.eval.batch_size=8",
+    '--config.eval.likelihoods=("vlb",)',
 ]
 
 
@@ -51,16 +60,17 @@ def _losses(output: str) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in LOSS_IN_LINE.findall(output)}
 
 
-@pytest.mark.slow
-def test_two_processes_train_together_and_match_one_process(tmp_path):
+def _run_two_processes(workdir, *extra: str) -> list[str]:
+    """Run the main job as processes 0 and 1 of one cluster (two CPU devices each); stdouts."""
     address = f"127.0.0.1:{_free_port()}"
     processes = [
         subprocess.Popen(
             _command(
-                tmp_path / "two",
+                workdir,
                 f"--config.parallel.coordinator_address={address}",
                 "--config.parallel.num_processes=2",
                 f"--config.parallel.process_id={process_id}",
+                *extra,
             ),
             cwd=REPO_ROOT,
             env=_environment(2),
@@ -73,14 +83,28 @@ def test_two_processes_train_together_and_match_one_process(tmp_path):
     outputs = [process.communicate(timeout=480) for process in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
-    losses_0, losses_1 = (_losses(stdout) for stdout, _ in outputs)
-    assert sorted(losses_0) == [2, 4, 6] and losses_0 == losses_1
+    return [stdout for stdout, _ in outputs]
 
+
+def _run_one_process(workdir, *extra: str) -> None:
     single = subprocess.run(
-        _command(tmp_path / "one"), cwd=REPO_ROOT, env=_environment(1),
+        _command(workdir, *extra), cwd=REPO_ROOT, env=_environment(1),
         capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
+
+
+def _eval_report(workdir) -> dict:
+    (path,) = (pathlib.Path(workdir) / "eval").glob("step_6_*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_together_and_match_one_process(tmp_path):
+    losses_0, losses_1 = (_losses(stdout) for stdout in _run_two_processes(tmp_path / "two"))
+    assert sorted(losses_0) == [2, 4, 6] and losses_0 == losses_1
+
+    _run_one_process(tmp_path / "one")
     records = {
         step: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
         for step, name in ((0, "two"), (1, "one"))
@@ -88,3 +112,27 @@ def test_two_processes_train_together_and_match_one_process(tmp_path):
     # Four devices in two processes train on the same global batches as one device.
     np.testing.assert_allclose(records[0], records[1], rtol=1e-4)
     assert (tmp_path / "two" / "checkpoints" / "6").is_dir()
+
+    # --mode=eval of the two-process checkpoint: sampled over the four devices of both
+    # processes, features gathered across them; one process on one device must agree.
+    shutil.copytree(tmp_path / "two", tmp_path / "two_eval_by_one")
+    _run_two_processes(tmp_path / "two", *EVAL_OVERRIDES)
+    _run_one_process(tmp_path / "two_eval_by_one", *EVAL_OVERRIDES)
+    together, alone = _eval_report(tmp_path / "two"), _eval_report(tmp_path / "two_eval_by_one")
+    numbers_together, numbers_alone = _numbers(together["samples"]), _numbers(alone["samples"])
+    assert {"fd_digits", "kid_digits_classifier/mean", "recall"} <= set(numbers_together)
+    assert numbers_together == pytest.approx(numbers_alone, rel=1e-3, abs=1e-6)
+    vlb_together, vlb_alone = (r["likelihood"]["vlb"]["bits_per_dim"] for r in (together, alone))
+    assert vlb_together == pytest.approx(vlb_alone, rel=1e-4)
+
+
+def _numbers(samples: list[dict]) -> dict[str, float]:
+    """The numeric leaves of the (single) sampler setting's metrics, by slash-joined key."""
+    (setting,) = samples
+    flat = {}
+    for key, value in setting.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{inner}": v for inner, v in value.items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat

@@ -228,8 +228,13 @@ def train_digits_classifier(
 
 
 def save_digits_classifier(path: str | os.PathLike, trained: TrainedDigitsClassifier) -> None:
+    """Write atomically (a temporary file, then a rename), so that the processes of a
+    multi-host evaluation, which all train the same classifier, never leave a torn file."""
     flat = inception.flatten_variables({"params": trained.params})
-    np.savez(path, **flat, test_accuracy=np.asarray(trained.test_accuracy))
+    temporary = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(temporary, "wb") as file:
+        np.savez(file, **flat, test_accuracy=np.asarray(trained.test_accuracy))
+    os.replace(temporary, path)
 
 
 def load_digits_classifier(path: str | os.PathLike) -> TrainedDigitsClassifier:
