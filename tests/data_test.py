@@ -504,3 +504,23 @@ def test_eval_dataset_is_one_ordered_unflipped_pass_whatever_the_config():
     np.testing.assert_array_equal(_concat(batches), _concat(reference))
     np.testing.assert_array_equal(_concat(batches, "label"), _concat(reference, "label"))
     assert flipping.random_flip  # the caller's config is left as it was
+
+
+def test_shard_positions_are_where_shard_and_batch_took_each_row():
+    import grain
+
+    from diffusion_jax.data import pipeline
+
+    stream = grain.MapDataset.range(26).map(lambda i: {"i": np.int64(i)})
+    seen = []
+    for process_index in range(2):
+        batches = pipeline.shard_and_batch(
+            stream, global_batch_size=6, process_index=process_index, process_count=2
+        )
+        for index in range(len(batches)):
+            positions = data.shard_positions(
+                index, global_batch_size=6, process_index=process_index, process_count=2
+            )
+            np.testing.assert_array_equal(batches[index]["i"], positions)
+            seen.extend(positions)
+    assert sorted(seen) == list(range(24))  # whole global batches, each row once

@@ -85,6 +85,7 @@ def test_local_rows_of_a_sharded_batch_keep_the_global_order():
     values = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
     array = jax.device_put(values, NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS)))
     np.testing.assert_array_equal(run.gather_rows(run.local_rows(array)), values)
+    np.testing.assert_array_equal(run.local_row_positions(array), np.arange(16))
 
 
 def test_sampling_is_split_over_every_device_and_compiles_once():
@@ -100,6 +101,7 @@ def test_sampling_is_split_over_every_device_and_compiles_once():
     assert len(first.addressable_shards) == 8
     assert all(shard.data.shape == (1, 8, 8, 1) for shard in first.addressable_shards)
     rows = run.local_rows(first)
+    np.testing.assert_array_equal(run.local_row_positions(first), np.arange(8))
     assert rows.shape == (8, 8, 8, 1) and np.all(np.isfinite(rows))
     assert not np.allclose(rows, run.local_rows(second))  # each batch has its own noise
 

@@ -26,7 +26,7 @@ OVERRIDES = [
 ]
 EVAL_OVERRIDES = [
     "--mode=eval",
-    "--config.eval.num_samples=64",
+    "--config.eval.num_samples=96",  # > the 64 features of the digits classifier
     "--config.eval.num_steps=(4,)",
     "--config.eval.batch_size=8",
     '--config.eval.likelihoods=("vlb",)',
@@ -122,8 +122,13 @@ def test_two_processes_train_and_evaluate_together_and_match_one_process(tmp_pat
     numbers_together, numbers_alone = _numbers(together["samples"]), _numbers(alone["samples"])
     assert {"fd_digits", "kid_digits_classifier/mean", "recall"} <= set(numbers_together)
     assert numbers_together == pytest.approx(numbers_alone, rel=1e-3, abs=1e-6)
-    vlb_together, vlb_alone = (r["likelihood"]["vlb"]["bits_per_dim"] for r in (together, alone))
-    assert vlb_together == pytest.approx(vlb_alone, rel=1e-4)
+    vlb_together, vlb_alone = (r["likelihood"]["vlb"] for r in (together, alone))
+    assert vlb_together["num_examples"] == vlb_alone["num_examples"]
+    # The same examples, but a global batch interleaves the processes' rows, so each example
+    # meets other noise in the bound's Monte Carlo terms: equal to within that noise.
+    assert vlb_together["bits_per_dim"] == pytest.approx(
+        vlb_alone["bits_per_dim"], abs=vlb_alone["standard_error"]
+    )
 
 
 def _numbers(samples: list[dict]) -> dict[str, float]:

@@ -10,6 +10,7 @@ from diffusion_jax.data.pipeline import (
     local_batch_size,
     make_dataset,
     make_eval_dataset,
+    shard_positions,
 )
 from diffusion_jax.data.registry import DATASETS, DatasetInfo, build_source, dataset_info
 from diffusion_jax.data.sources import DataSource
@@ -24,4 +25,5 @@ __all__ = [
     "local_batch_size",
     "make_dataset",
     "make_eval_dataset",
+    "shard_positions",
 ]

@@ -88,6 +88,15 @@ def shard_and_batch(
     return shard.batch(batch_size, drop_remainder=True, batch_fn=_stack_examples)
 
 
+def shard_positions(
+    batch_index: int, *, global_batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
+    """Positions in the stream of the rows of this process's batch `batch_index` (the layout
+    of `shard_and_batch`), to put rows gathered from every process back in stream order."""
+    batch_size = local_batch_size(global_batch_size, process_count)
+    return batch_index * global_batch_size + process_index + process_count * np.arange(batch_size)
+
+
 class DataIterator:
     """Iterator of batches {"x": float32 [B, ...] in [-1, 1] (images), "label": int32 [B]}.
 

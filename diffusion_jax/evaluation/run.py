@@ -18,7 +18,8 @@ EMA, or the raw parameters for -1; the JSON names which) and writes
 
 Sampling is one jit over a mesh of every device of every process, the batch split on its
 "data" axis; each process extracts the features of its own rows and the features are then
-gathered on every process (`process_allgather`). Process 0 writes the file.
+gathered on every process (`process_allgather`) and put back in the order of one process, so
+that a report does not depend on the number of processes. Process 0 writes the file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -41,6 +43,13 @@ from diffusion_jax.evaluation import likelihood_eval, metrics
 EVAL_DIR = "eval"
 METRICS = ("frechet", "kid", "inception_score", "precision_recall")
 EXTRACTORS = ("auto", "digits", "inception")
+
+
+class LocalImages(NamedTuple):
+    """This process's images and the position of each in the sequence of all processes'."""
+
+    images: np.ndarray  # [N_local, H, W, C]
+    positions: np.ndarray  # [N_local] int
 
 
 def _check_subset(values, allowed: tuple, option: str) -> None:
@@ -107,11 +116,22 @@ def place_params(params, mesh, strategy: str):
     )
 
 
+def _unique_shards(array: jax.Array) -> list:
+    """This process's shards of a global array split on its first axis, in global order."""
+    unique = {shard.index[0].start or 0: shard for shard in array.addressable_shards}
+    return [unique[start] for start in sorted(unique)]
+
+
 def local_rows(array: jax.Array) -> np.ndarray:
     """This process's rows of a global array split on its first axis, in global order."""
-    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-    unique = {shard.index[0].start or 0: shard for shard in shards}
-    return np.concatenate([np.asarray(unique[start].data) for start in sorted(unique)])
+    return np.concatenate([np.asarray(shard.data) for shard in _unique_shards(array)])
+
+
+def local_row_positions(array: jax.Array) -> np.ndarray:
+    """The global row index of each of `local_rows(array)`."""
+    return np.concatenate(
+        [np.arange(*shard.index[0].indices(array.shape[0])) for shard in _unique_shards(array)]
+    )
 
 
 def gather_rows(rows: np.ndarray) -> np.ndarray:
@@ -129,14 +149,18 @@ def make_sharded_generate(config, model, mesh, setting: dict):
     return compilation.CompiledTogether(jax.jit(generate, out_shardings=sharding), "eval_generate")
 
 
-def generate_local_samples(config, model, params, mesh, setting: dict) -> list[np.ndarray]:
-    """This process's rows of eval.num_samples samples, in whole batches of eval.batch_size."""
+def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalImages:
+    """This process's rows of eval.num_samples samples, in whole batches of eval.batch_size,
+    with their positions in the sequence of all samples."""
     generate = make_sharded_generate(config, model, mesh, setting)
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), setting["num_steps"])
     num_batches = -(-config.eval.num_samples // config.eval.batch_size)
-    return [
-        local_rows(generate(params, jax.random.fold_in(rng, index))) for index in range(num_batches)
-    ]
+    images, positions = [], []
+    for index in range(num_batches):
+        batch = generate(params, jax.random.fold_in(rng, index))
+        images.append(local_rows(batch))
+        positions.append(index * config.eval.batch_size + local_row_positions(batch))
+    return LocalImages(np.concatenate(images), np.concatenate(positions))
 
 
 def make_extractor(config: ml_collections.ConfigDict, workdir) -> features_lib.FeatureExtractor:
@@ -157,10 +181,13 @@ def make_extractor(config: ml_collections.ConfigDict, workdir) -> features_lib.F
     return features_lib.load_inception_extractor(config.eval.inception_weights)
 
 
-def extract_gathered(extractor, local_images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of every process's images, each process extracting its own."""
-    features, logits = extractor.features_and_logits(np.concatenate(local_images))
-    return gather_rows(features), gather_rows(logits)
+def extract_gathered(extractor, local: LocalImages) -> tuple[np.ndarray, np.ndarray]:
+    """Features and logits of every process's images, each process extracting its own, in
+    the order of `local.positions` (so that order-dependent metrics, KID's subsets and the
+    Inception Score's splits, do not depend on the number of processes)."""
+    features, logits = extractor.features_and_logits(local.images)
+    order = np.argsort(gather_rows(local.positions), kind="stable")
+    return gather_rows(features)[order], gather_rows(logits)[order]
 
 
 def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +198,23 @@ def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
         seed=config.eval.seed,
         global_batch_size=config.eval.batch_size,
     )
+    images, positions = [], []
     try:
-        local_images = [np.asarray(batch["x"]) for batch in iterator]
+        for index, batch in enumerate(iterator):
+            images.append(np.asarray(batch["x"]))
+            positions.append(
+                data.shard_positions(
+                    index,
+                    global_batch_size=config.eval.batch_size,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+            )
     finally:
         iterator.close()
-    return extract_gathered(extractor, local_images)
+    return extract_gathered(
+        extractor, LocalImages(np.concatenate(images), np.concatenate(positions))
+    )
 
 
 def sample_metrics(config, extractor, reference, samples) -> dict:
@@ -216,8 +255,8 @@ def evaluate_samples(config, workdir, model, params, mesh) -> dict:
     }
     count = config.eval.num_samples
     for setting in sampler_settings(config):
-        local_images = generate_local_samples(config, model, params, mesh, setting)
-        features, logits = extract_gathered(extractor, local_images)
+        local = generate_local_samples(config, model, params, mesh, setting)
+        features, logits = extract_gathered(extractor, local)
         result = sample_metrics(config, extractor, reference, (features[:count], logits[:count]))
         report["samples"].append({**setting, **result})
         logging.info("%s: %s", setting, result)
