@@ -68,6 +68,15 @@ def test_bad_options_are_named(key, value, message):
         run.check_options(config)
 
 
+def test_too_few_samples_for_a_frechet_distance_are_refused_before_sampling():
+    config = tiny_digits_config(**{"eval.num_samples": 64})  # the digits features are 64-d
+    with pytest.raises(ValueError, match="eval.num_samples=64.*at least 65"):
+        run.check_enough_samples(config, feature_dim=64)
+    run.check_enough_samples(tiny_digits_config(**{"eval.num_samples": 65}), feature_dim=64)
+    config = tiny_digits_config(**{"eval.num_samples": 8, "eval.metrics": ("kid",)})
+    run.check_enough_samples(config, feature_dim=64)  # no Frechet distance asked for
+
+
 def test_vlb_needs_a_discrete_process_and_images_need_inception_weights(tmp_path):
     config = toy2d.get_config()
     config.diffusion.loss_type = "flow_matching"

@@ -71,6 +71,17 @@ def check_options(config: ml_collections.ConfigDict) -> None:
     likelihood_eval.check_options(config)
 
 
+def check_enough_samples(config: ml_collections.ConfigDict, feature_dim: int) -> None:
+    """Before any sampling: a Frechet distance needs more samples than feature dimensions."""
+    if "frechet" in config.eval.metrics and config.eval.num_samples <= feature_dim:
+        raise ValueError(
+            f"eval.num_samples={config.eval.num_samples} but the Frechet distance needs more "
+            f"samples than the {feature_dim} feature dimensions (the covariance is singular "
+            f"and the estimate strongly biased): use at least {feature_dim + 1}, customarily "
+            "10,000 or 50,000, or drop 'frechet' from eval.metrics"
+        )
+
+
 def params_name(config: ml_collections.ConfigDict) -> str:
     """ "ema_<decay>" or "raw": which parameters `sampling.ema_index` selects."""
     index = config.sampling.ema_index
@@ -247,6 +258,7 @@ def sample_metrics(config, extractor, reference, samples) -> dict:
 def evaluate_samples(config, workdir, model, params, mesh) -> dict:
     """{"extractor", "reference", "samples": [metrics of each sampler setting]}."""
     extractor = make_extractor(config, workdir)
+    check_enough_samples(config, extractor.feature_dim)
     reference = reference_features(config, extractor)
     report = {
         "extractor": {"name": extractor.name, "feature_dim": extractor.feature_dim},
