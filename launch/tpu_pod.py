@@ -128,47 +128,40 @@ def install_commands(
         ["python3", "-m", "pip", "install", "--upgrade", "pip"],
         ["python3", "-m", "pip", "install", "-e", ".", "jax[tpu]"],
     )
+    where = {"tpu": tpu, "zone": zone, "project": project}
     if method == "git":
-        if not repo_url:
-            raise ValueError("repo_url: --install=git needs --repo-url (the git URL to clone)")
-        fetch = _and(
-            ["rm", "-rf", remote_dir],
-            [
-                "git",
-                "clone",
-                "--depth=1",
-                *([f"--branch={ref}"] if ref else []),
-                repo_url,
-                remote_dir,
-            ],
-        )
-        return [
-            ssh_command(
-                tpu=tpu, zone=zone, project=project, remote_command=fetch + " && " + pip_install
-            )
-        ]
+        return [_git_clone_and_install(where, remote_dir, repo_url, ref, pip_install)]
+    return _ship_archive_and_install(where, remote_dir, ref, archive, pip_install)
+
+
+def _git_clone_and_install(where: dict, remote_dir, repo_url, ref, pip_install) -> list[str]:
+    """One ssh command for every worker: a fresh shallow clone of `repo_url`, then pip."""
+    if not repo_url:
+        raise ValueError("repo_url: --install=git needs --repo-url (the git URL to clone)")
+    branch = [f"--branch={ref}"] if ref else []
+    fetch = _and(
+        ["rm", "-rf", remote_dir],
+        ["git", "clone", "--depth=1", *branch, repo_url, remote_dir],
+    )
+    return ssh_command(**where, remote_command=f"{fetch} && {pip_install}")
+
+
+def _ship_archive_and_install(where: dict, remote_dir, ref, archive, pip_install):
+    """`git archive` here, scp to every worker, unpack into `remote_dir`, then pip."""
     remote_archive = Path(archive).name
     unpack = _and(
         ["rm", "-rf", remote_dir],
         ["mkdir", "-p", remote_dir],
         ["tar", "-xzf", remote_archive, "-C", remote_dir],
     )
+    tpu, zone, project = where["tpu"], where["zone"], where["project"]
     scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{tpu}:{remote_archive}"]
     scp += [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+    git_archive = ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz"]
     return [
-        [
-            "git",
-            "-C",
-            str(REPO_ROOT),
-            "archive",
-            "--format=tar.gz",
-            f"--output={archive}",
-            ref or "HEAD",
-        ],
+        [*git_archive, f"--output={archive}", ref or "HEAD"],
         scp + ["--worker=all"],
-        ssh_command(
-            tpu=tpu, zone=zone, project=project, remote_command=f"{unpack} && {pip_install}"
-        ),
+        ssh_command(**where, remote_command=f"{unpack} && {pip_install}"),
     ]
 
 
