@@ -34,6 +34,20 @@ def _sigma_range(schedule, sigma_min, sigma_max):
     return sigma_min, sigma_max
 
 
+def _make_denoiser(schedule, x0_eps_fn):
+    """`denoise(model_fn, x, sigma, cond)`: D(x; sigma) of EDM's scaled variable x = x_t /
+    alpha, from the network at x_t = alpha x and the time whose log-SNR is -2 log sigma."""
+
+    def denoise(model_fn, x, sigma, cond):
+        log_snr = -2.0 * jnp.log(sigma)
+        alpha, sigma_t = noise_schedule.alpha_sigma_of_log_snr(schedule.kind, log_snr)
+        model_t = schedule.model_time(schedule.t_from_log_snr(log_snr))
+        x0, _ = x0_eps_fn(model_fn, alpha * x, common.batch_time(model_t, x), alpha, sigma_t, cond)
+        return x0
+
+    return denoise
+
+
 def make_edm_sampler(
     schedule,
     *,
@@ -69,17 +83,10 @@ def make_edm_sampler(
         jnp.float32,
     )
     gamma = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
-    x0_eps_fn = common.make_x0_eps_fn(
-        prediction=prediction, variance_type=variance_type, clip_x0=clip_x0
+    denoise = _make_denoiser(
+        schedule,
+        common.make_x0_eps_fn(prediction=prediction, variance_type=variance_type, clip_x0=clip_x0),
     )
-
-    def denoise(model_fn, x, sigma, cond):
-        """D(x; sigma) of the scaled variable, from the network at x_t = alpha x."""
-        log_snr = -2.0 * jnp.log(sigma)
-        alpha, sigma_t = noise_schedule.alpha_sigma_of_log_snr(schedule.kind, log_snr)
-        model_t = schedule.model_time(schedule.t_from_log_snr(log_snr))
-        x0, _ = x0_eps_fn(model_fn, alpha * x, common.batch_time(model_t, x), alpha, sigma_t, cond)
-        return x0
 
     def sample(model_fn, noise, rng, cond=None):
         def step(i, x):
