@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +32,7 @@ import numpy as np
 from diffusion_jax.samplers import common, noise_schedule, ode
 
 DIVERGENCES = ("exact", "rademacher", "gaussian")
-SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
+SOLVERS = ode.SOLVERS
 # New network evaluations per attempted step of these 7-stage first-same-as-last methods.
 EVALUATIONS_PER_STEP = 6
 INITIAL_STEPS = 100  # the first step is 1/100 of the interval; the controller adapts it
@@ -116,6 +115,9 @@ def make_ode_log_likelihood_fn(
     x0_eps_fn = common.make_x0_eps_fn(prediction=prediction, variance_type=variance_type)
     divergence_fn = make_divergence_fn(divergence)
     sigma_prior = schedule.alpha_sigma(jnp.float32(schedule.t_max))[1]
+    solve_options = dict(
+        solver=solver, rtol=rtol, atol=atol, max_steps=max_steps, step_to_kinks=step_to_kinks
+    )
 
     def log_likelihood(model_fn, x, rng, cond=None):
         probe = draw_probe(rng, x.shape, divergence)
@@ -129,21 +131,17 @@ def make_ode_log_likelihood_fn(
 
             return divergence_fn(velocity, state[0], probe)  # (dx/dt, dI/dt = div v)
 
-        solution = diffrax.diffeqsolve(
-            diffrax.ODETerm(augmented_field),
-            SOLVERS[solver](),
+        (z, delta_log_prob), steps = ode.solve_adaptive(
+            augmented_field,
+            (x, jnp.zeros((x.shape[0],), jnp.float32)),
+            schedule=schedule,
             t0=schedule.t_min,
             t1=schedule.t_max,
-            dt0=(schedule.t_max - schedule.t_min) / INITIAL_STEPS,
-            y0=(x, jnp.zeros((x.shape[0],), jnp.float32)),
-            stepsize_controller=ode.step_size_controller(
-                schedule, rtol=rtol, atol=atol, step_to_kinks=step_to_kinks
-            ),
-            max_steps=max_steps,
+            first_step=(schedule.t_max - schedule.t_min) / INITIAL_STEPS,
+            **solve_options,
         )
-        z, delta_log_prob = solution.ys[0][-1], solution.ys[1][-1]
         prior_log_prob = gaussian_prior_log_prob(z, sigma_prior)
-        nfe = EVALUATIONS_PER_STEP * solution.stats["num_steps"] + 1
+        nfe = EVALUATIONS_PER_STEP * steps + 1
         return {
             "log_likelihood": prior_log_prob + delta_log_prob,
             "prior_log_prob": prior_log_prob,

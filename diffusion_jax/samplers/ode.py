@@ -9,6 +9,7 @@ steps landing on the kinks of a discrete schedule).
 from __future__ import annotations
 
 import diffrax
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax.samplers import common, noise_schedule
@@ -31,6 +32,27 @@ def step_size_controller(schedule, *, rtol: float, atol: float, step_to_kinks: b
     if not step_to_kinks or kinks.size == 0:
         return controller
     return diffrax.ClipStepSizeController(controller, jump_ts=kinks)
+
+
+def solve_adaptive(
+    field, y0, *, schedule, t0, t1, first_step, solver, rtol, atol, max_steps, step_to_kinks
+):
+    """(y at t1, number of attempted steps) of dy/dt = field(t, y, args) by `solver`
+    (SOLVERS) from t0, with the controller of `step_size_controller`."""
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        SOLVERS[solver](),
+        t0=t0,
+        t1=t1,
+        dt0=first_step,
+        y0=y0,
+        stepsize_controller=step_size_controller(
+            schedule, rtol=rtol, atol=atol, step_to_kinks=step_to_kinks
+        ),
+        max_steps=max_steps,
+    )
+    final = jax.tree.map(lambda leaf: leaf[-1], solution.ys)
+    return final, solution.stats["num_steps"]
 
 
 def make_ode_sampler(
@@ -64,6 +86,9 @@ def make_ode_sampler(
     x0_eps_fn = common.make_x0_eps_fn(
         prediction=prediction, variance_type=variance_type, clip_x0=clip_x0
     )
+    solve_options = dict(
+        solver=solver, rtol=rtol, atol=atol, max_steps=max_steps, step_to_kinks=step_to_kinks
+    )
 
     def sample(model_fn, noise, rng, cond=None):
         del rng  # deterministic
@@ -74,20 +99,15 @@ def make_ode_sampler(
             return dalpha * x0 + dsigma * eps
 
         sigma_first = schedule.alpha_sigma(jnp.float32(schedule.t_max))[1]
-        solution = diffrax.diffeqsolve(
-            diffrax.ODETerm(vector_field),
-            SOLVERS[solver](),
+        x, steps = solve_adaptive(
+            vector_field,
+            sigma_first * noise,
+            schedule=schedule,
             t0=schedule.t_max,
             t1=schedule.t_min,
-            dt0=-(schedule.t_max - schedule.t_min) / num_steps,
-            y0=sigma_first * noise,
-            stepsize_controller=step_size_controller(
-                schedule, rtol=rtol, atol=atol, step_to_kinks=step_to_kinks
-            ),
-            max_steps=max_steps,
+            first_step=-(schedule.t_max - schedule.t_min) / num_steps,
+            **solve_options,
         )
-        x = solution.ys[-1]
-        steps = solution.stats["num_steps"]
         nfe = EVALUATIONS_PER_STEP[solver] * steps + 1
         if denoise_final:
             t_min = jnp.float32(schedule.t_min)
