@@ -2,8 +2,8 @@
 
 dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat, which is f x - g^2 score / 2 (Eq. 13 of Song et
 al. 2021) written with the denoiser, integrated from t_max to t_min with error control
-(Dormand-Prince / Tsitouras 5(4), PID step-size controller, tolerances rtol and atol,
-steps landing on the kinks of a discrete schedule).
+(Dormand-Prince / Tsitouras 5(4), PID step-size controller, tolerances rtol and atol; on a
+discrete schedule, optionally with steps that land on its kinks).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ def solve_adaptive(
     field, y0, *, schedule, t0, t1, first_step, solver, rtol, atol, max_steps, step_to_kinks
 ):
     """(y at t1, number of attempted steps) of dy/dt = field(t, y, args) by `solver`
-    (SOLVERS) from t0, with the controller of `step_size_controller`."""
+    (SOLVERS) from t0, with the controller of `step_size_controller`. Stepping onto kinks
+    takes at least one step per kink, so `max_steps` is raised to twice that if smaller."""
+    if step_to_kinks:
+        max_steps = max(max_steps, 2 * (schedule.kink_times().size + 1))
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
         SOLVERS[solver](),
