@@ -33,8 +33,6 @@ from diffusion_jax.samplers import common, noise_schedule, ode
 
 DIVERGENCES = ("exact", "rademacher", "gaussian")
 SOLVERS = ode.SOLVERS
-# New network evaluations per attempted step of these 7-stage first-same-as-last methods.
-EVALUATIONS_PER_STEP = 6
 INITIAL_STEPS = 100  # the first step is 1/100 of the interval; the controller adapts it
 
 # log_likelihood_fn(model_fn, x [B, ...], rng, cond=None) -> dict of arrays
@@ -141,7 +139,7 @@ def make_ode_log_likelihood_fn(
             **solve_options,
         )
         prior_log_prob = gaussian_prior_log_prob(z, sigma_prior)
-        nfe = EVALUATIONS_PER_STEP * steps + 1
+        nfe = ode.EVALUATIONS_PER_STEP[solver] * steps + 1
         return {
             "log_likelihood": prior_log_prob + delta_log_prob,
             "prior_log_prob": prior_log_prob,
