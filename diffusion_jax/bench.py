@@ -34,7 +34,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import models as model_presets
-from diffusion_jax import compilation, models, parallel, samplers, sampling_run, train
+from diffusion_jax import (
+    compilation,
+    host_memory,
+    models,
+    parallel,
+    samplers,
+    sampling_run,
+    train,
+)
 
 # Dense peak TFLOP/s per JAX device, from the vendors' data sheets (H100/H200 SXM: 989
 # bf16, 67 fp32 without tensor cores; REFERENCE.md measured ~798 bf16 on the lent H100).
@@ -66,6 +74,7 @@ class BenchOptions:
     peak_tflops: float = 0.0  # 0: from PEAK_TFLOPS for the detected device, if known
     ynn_convolutions: bool = False  # True: XLA:CPU's default library for convolutions
     torch_threads: int = 0  # 0: as many as JAX uses (every core this process may run on)
+    retain_freed_memory: bool = True  # host_memory.retain_freed_memory(), as training runs
     seed: int = 0
 
 
@@ -427,6 +436,11 @@ flags.DEFINE_integer("sample_repeats", 3, "Timed repetitions of each sampler.")
 flags.DEFINE_integer("warmup", 1, "Untimed calls before timing.")
 flags.DEFINE_bool("ynn_convolutions", False, "XLA:CPU: keep YNNPACK convolutions (its default).")
 flags.DEFINE_integer("torch_threads", 0, "PyTorch threads (0: the cores JAX uses).")
+flags.DEFINE_bool(
+    "retain_freed_memory",
+    True,
+    "Keep freed host memory in the process (host_memory); --noretain_freed_memory: glibc default.",
+)
 flags.DEFINE_bool("tiny", False, "Benchmark the tiny U-Net of configs/models.py instead.")
 flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 flags.mark_flags_as_required(["config"])
@@ -446,6 +460,7 @@ def options_from_flags() -> BenchOptions:
         peak_tflops=FLAGS.peak_tflops,
         ynn_convolutions=FLAGS.ynn_convolutions,
         torch_threads=FLAGS.torch_threads,
+        retain_freed_memory=FLAGS.retain_freed_memory,
     )
 
 
@@ -453,7 +468,10 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = shrink_to_tiny(FLAGS.config) if FLAGS.tiny else FLAGS.config
-    results = run_benchmark(config, options_from_flags())
+    options = options_from_flags()
+    if options.retain_freed_memory:  # before JAX starts its threads, as diffusion_jax.main
+        host_memory.retain_freed_memory()
+    results = run_benchmark(config, options)
     print(format_table(results))
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -12,7 +12,7 @@ intentionally kept short: each mode is one function call.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import parallel
+from diffusion_jax import host_memory, parallel
 
 MODES = ("train", "eval", "sample")
 
@@ -32,6 +32,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    host_memory.retain_freed_memory()  # before JAX's threads start: no page faults per step
     parallel.initialize_distributed(config.parallel)
     logging.info("Config:\n%s", config)
     if FLAGS.mode == "train":

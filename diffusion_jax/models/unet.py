@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.group_norm import GroupNorm
 from diffusion_jax.models.layers import (
     Dtype,
     TimeEmbedding,
@@ -28,6 +29,7 @@ from diffusion_jax.models.layers import (
     upsample_nearest,
     zeros_init,
 )
+from diffusion_jax.models.linear import Conv, Dense
 
 
 def _conv(
@@ -38,8 +40,8 @@ def _conv(
     strides: int = 1,
     zero: bool = False,
     name: str | None = None,
-) -> nn.Conv:
-    return nn.Conv(
+) -> Conv:
+    return Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
@@ -69,7 +71,7 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        norm = lambda name: nn.GroupNorm(self.norm_groups, dtype=self.dtype, name=name)
+        norm = lambda name: GroupNorm(self.norm_groups, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm_0")(x))  # [B, H, W, C_in]
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
@@ -77,7 +79,7 @@ class ResBlock(nn.Module):
             h, x = downsample_avg(h), downsample_avg(x)
         h = _conv(self.out_channels, 3, self.dtype, name="conv_0")(h)  # [B, H, W, C_out]
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = nn.Dense(emb_width, dtype=self.dtype, kernel_init=default_init, name="emb")(
+        emb_out = Dense(emb_width, dtype=self.dtype, kernel_init=default_init, name="emb")(
             nn.silu(emb)
         )[:, None, None, :]  # [B, 1, 1, emb_width]
         if self.use_scale_shift_norm:
@@ -108,13 +110,13 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         heads = channels // self.head_channels if self.head_channels > 0 else self.num_heads
-        h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
         h = h.reshape(batch, height * width, channels)  # [B, L, C]
-        qkv = nn.Dense(3 * channels, dtype=self.dtype, kernel_init=default_init, name="qkv")(h)
+        qkv = Dense(3 * channels, dtype=self.dtype, kernel_init=default_init, name="qkv")(h)
         qkv = qkv.reshape(batch, height * width, 3, heads, channels // heads)  # [B, L, 3, N, D]
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # [B, L, N, D]
         out = out.reshape(batch, height, width, channels)
-        out = nn.Dense(channels, dtype=self.dtype, kernel_init=zeros_init, name="proj_out")(out)
+        out = Dense(channels, dtype=self.dtype, kernel_init=zeros_init, name="proj_out")(out)
         return x + out
 
 
@@ -228,6 +230,6 @@ class UNet(nn.Module):
         h = self._attn_block("mid_attn")(h)
         h = self._res_block(h.shape[-1], train, "none", "mid_res_1")(h, emb)
         h = self._decode(h, skips, emb, train)
-        h = nn.silu(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
+        h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
         out = _conv(self.out_channels, 3, self.dtype, zero=True, name="conv_out")(h)
         return out.astype(jnp.float32)  # [B, H, W, out_channels]

@@ -1,0 +1,61 @@
+"""Convolution and dense layers with `reductions.add_bias`: the parameters (``kernel``,
+``bias``), initialisation and outputs of ``flax.linen.Conv`` / ``flax.linen.Dense``, with
+a bias gradient that XLA:CPU computes as a multi-threaded matrix-vector product instead of a
+single-threaded reduction over batch and space (`reductions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import Dtype, default_init
+from diffusion_jax.models.reductions import add_bias
+
+Initializer = Any
+
+
+class Conv(nn.Module):
+    """2-D convolution of ``[B, H, W, C_in]`` with a ``[k, k, C_in, features]`` kernel,
+    symmetric zero padding of ``padding`` on each side, plus a bias."""
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: int = 0
+    dtype: Dtype | None = None
+    kernel_init: Initializer = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            window_strides=tuple(self.strides),
+            padding=[(self.padding, self.padding)] * len(self.kernel_size),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return add_bias(y, bias.astype(dtype))  # [B, H / stride, W / stride, features]
+
+
+class Dense(nn.Module):
+    """``x [..., C_in] @ kernel [C_in, features] + bias``."""
+
+    features: int
+    dtype: Dtype | None = None
+    kernel_init: Initializer = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        return add_bias(y, bias.astype(dtype))  # [..., features]
