@@ -58,6 +58,17 @@ def test_gradients_match_autodiff_of_definition():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_forward_mode_matches_autodiff_of_definition():
+    """`jax.jvp` works (a custom VJP would refuse it) and gives the derived tangent."""
+    x, scale, bias, x_dot = _inputs(3)
+    scale_dot, bias_dot = jnp.linspace(-1.0, 1.0, SHAPE[-1]), jnp.cos(jnp.arange(SHAPE[-1]))
+    primals, tangents = (x, scale, bias), (x_dot, scale_dot, bias_dot)
+    y, y_dot = jax.jvp(lambda *a: group_norm(*a, groups=GROUPS), primals, tangents)
+    want_y, want_dot = jax.jvp(lambda *a: _autodiff_reference(*a, GROUPS), primals, tangents)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(y_dot, want_dot, rtol=1e-4, atol=1e-4)
+
+
 def test_input_gradient_is_orthogonal_to_shift_and_scale_of_each_group():
     """y does not change when a group of x is shifted or scaled, so the gradient dx sums to
     zero over each group and is orthogonal to x - mean there (exactly, up to rounding)."""

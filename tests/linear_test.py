@@ -11,7 +11,11 @@ import pytest
 
 from diffusion_jax.models.layers import default_init
 from diffusion_jax.models.linear import Conv, Dense
-from diffusion_jax.models.reductions import add_bias, sum_over_positions
+from diffusion_jax.models.reductions import (
+    add_bias,
+    broadcast_over_positions,
+    sum_over_positions,
+)
 
 
 def test_sum_over_positions_equals_sum():
@@ -27,6 +31,24 @@ def test_bias_gradient_is_the_sum_of_the_output_gradient():
     dy, dbias = jax.vjp(add_bias, y, jnp.zeros(7))[1](cotangent)
     np.testing.assert_array_equal(dy, cotangent)
     np.testing.assert_allclose(dbias, np.asarray(cotangent).sum(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_add_bias_forward_mode():
+    y, bias = jnp.ones((2, 3, 4)), jnp.arange(4.0)
+    y_dot, bias_dot = jax.random.normal(jax.random.PRNGKey(2), y.shape), jnp.arange(4.0) - 5.0
+    out, out_dot = jax.jvp(add_bias, (y, bias), (y_dot, bias_dot))
+    np.testing.assert_allclose(out, y + bias)
+    np.testing.assert_allclose(out_dot, y_dot + bias_dot, rtol=1e-6)
+
+
+def test_broadcast_over_positions_is_the_transpose_of_sum_over_positions():
+    """<sum(v), w> = <v, broadcast(w)> for all v, w: the identity reverse mode relies on."""
+    v = jax.random.normal(jax.random.PRNGKey(3), (3, 11, 5))
+    w = jax.random.normal(jax.random.PRNGKey(4), (3, 5))
+    np.testing.assert_allclose(
+        jnp.vdot(sum_over_positions(v), w), jnp.vdot(v, broadcast_over_positions(w, 11)), rtol=1e-5
+    )
+    np.testing.assert_allclose(broadcast_over_positions(w, 11), np.repeat(w[:, None], 11, 1))
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,22 @@ def test_remat_changes_neither_output_nor_gradient():
         np.testing.assert_allclose(remat_grad, grad, atol=1e-4 * float(jnp.max(jnp.abs(grad))))
 
 
+@pytest.mark.parametrize("make_config", [presets.tiny, _small_dit, _small_mlp])
+def test_forward_and_reverse_mode_are_transposes(make_config):
+    """<J v, w> = <v, J^T w> for the Jacobian J of the network in x: forward mode (jvp, as
+    the ODE likelihood uses) and reverse mode agree, custom derivatives included."""
+    config = _with(make_config, dropout=0.0)
+    model, params = build_model(config), _random_params(config)
+    x, t, label = _inputs(config)
+    fn = lambda x_: model.apply({"params": params}, x_, t, label)
+    v_key, w_key = jax.random.split(jax.random.PRNGKey(5))
+    v = jax.random.normal(v_key, x.shape)
+    w = jax.random.normal(w_key, jax.eval_shape(fn, x).shape)
+    jv = jax.jit(lambda: jax.jvp(fn, (x,), (v,))[1])()
+    jtw = jax.jit(lambda: jax.vjp(fn, x)[1](w)[0])()
+    np.testing.assert_allclose(jnp.vdot(jv, w), jnp.vdot(v, jtw), rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

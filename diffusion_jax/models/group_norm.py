@@ -1,4 +1,4 @@
-"""Group normalisation (Wu & He 2018) with a hand-written backward pass.
+"""Group normalisation (Wu & He 2018) with a hand-written derivative.
 
 For activations ``x [B, ..., C]`` with the channels split into G groups of C/G, over the
 N = P * C/G values of each (example, group), P the number of positions (Wu & He, Eq. 1-4):
@@ -6,18 +6,25 @@ N = P * C/G values of each (example, group), P the number of positions (Wu & He,
     mu = mean(x),  rstd = 1 / sqrt(var(x) + eps),  x_hat = (x - mu) * rstd,
     y = scale * x_hat + bias.
 
-The gradient, with per-(example, channel) sums over positions S1 = sum_p dy * x_hat and
-S2 = sum_p dy, and the per-group means g1 = sum_c scale_c S2_c / N, g2 = sum_c scale_c S1_c / N:
+Its tangent, with a = scale * rstd per (example, channel) and group means over positions and
+the group's channels, mu' = mean(x') and m = mean(x_hat * x'):
+
+    y' = a * x' + (bias' - a * mu') + x_hat * (scale' - a * m),
+
+two per-(example, channel) terms spread over the positions. Its transpose, the gradient,
+then needs only two sums over positions, S2 = sum_p dy and S1 = sum_p dy * x_hat
+(with g1 = mean_group(scale * S2), g2 = mean_group(scale * S1)):
 
     d scale = sum_b S1,   d bias = sum_b S2,   dx = rstd * (scale * dy - g1 - x_hat * g2).
 
-Why write it out: the gradient JAX derives reads the activations in four separate reductions
-over positions (d scale, d bias and two per-group sums), each recomputing its fused
-producers, and XLA:CPU runs each on one thread (`reductions`): the DDPM U-Net's 51
-GroupNorms took about a sixth of a CPU train step. Here every sum over positions is
-`reductions.sum_over_positions`, and the backward pass reads ``x`` and ``dy`` twice: once
-for S1 and S2, once for dx; 3.5x faster than flax.linen.GroupNorm's on the CPU, as fast as
-PyTorch's fused kernel (docs/benchmarks.md).
+Why write it out: the gradient JAX derives from the definition reads the activations in four
+separate reductions over positions (d scale, d bias and two per-group sums), each
+recomputing its fused producers, and XLA:CPU runs each on one thread (`reductions`): the
+DDPM U-Net's 51 GroupNorms took about a sixth of a CPU train step. Here the sums are
+`reductions.sum_over_positions` and the backward pass reads ``x`` and ``dy`` twice: once
+for S1 and S2, once for dx. A custom JVP rather than a custom VJP (whose backward pass
+measured the same in the U-Net's train step, docs/benchmarks.md) keeps
+forward mode (`jax.jvp`, used by the ODE likelihood) working.
 Parameters are ``scale`` and ``bias``, as ``flax.linen.GroupNorm``'s, so checkpoints of
 either load into the other.
 """
@@ -31,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import Dtype
-from diffusion_jax.models.reductions import sum_over_positions
+from diffusion_jax.models.reductions import broadcast_over_positions, sum_over_positions
 
 
 def _per_channel(group_values: jax.Array, channels: int) -> jax.Array:
@@ -62,35 +69,42 @@ def _normalized(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) - _per_channel(mean, channels)) * _per_channel(rstd, channels)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _per_channel_mean(channel_sums: jax.Array, groups: int, count: int) -> jax.Array:
+    """``[B, C] -> [B, C]``: the mean of each group (sums over the group's channels / count),
+    repeated over its channels."""
+    return _per_channel(_group_sums(channel_sums, groups) / count, channel_sums.shape[1])[:, 0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def _group_norm(x, scale, bias, groups: int, eps: float, out_dtype):
     """``x [B, P, C]`` normalised per (example, group), then ``scale * x_hat + bias``."""
     mean, rstd = _statistics(x, groups, eps)
     return (_normalized(x, mean, rstd) * scale + bias).astype(out_dtype)
 
 
-def _group_norm_forward(x, scale, bias, groups, eps, out_dtype):
+@_group_norm.defjvp
+def _group_norm_jvp(groups, eps, out_dtype, primals, tangents):
+    """The tangent of the module docstring; every tangent that is constant over positions is
+    spread by `broadcast_over_positions`, so that the transpose sums with GEMVs."""
+    x, scale, bias = primals
+    x_dot, scale_dot, bias_dot = tangents
+    positions, channels = x.shape[1], x.shape[2]
+    count = positions * (channels // groups)
     mean, rstd = _statistics(x, groups, eps)
-    y = (_normalized(x, mean, rstd) * scale + bias).astype(out_dtype)
-    return y, (x, scale, mean, rstd)
-
-
-def _group_norm_backward(groups, eps, out_dtype, residuals, dy):
-    del eps, out_dtype
-    x, scale, mean, rstd = residuals
-    count = x.shape[1] * (x.shape[2] // groups)
-    channels = x.shape[-1]
     x_hat = _normalized(x, mean, rstd)
-    dy = dy.astype(jnp.float32)
-    s1 = sum_over_positions(dy * x_hat)  # [B, C]
-    s2 = sum_over_positions(dy)  # [B, C]
-    g1 = _per_channel(_group_sums(s2 * scale, groups) / count, channels)
-    g2 = _per_channel(_group_sums(s1 * scale, groups) / count, channels)
-    dx = _per_channel(rstd, channels) * (dy * scale - g1 - x_hat * g2)
-    return dx.astype(x.dtype), s1.sum(axis=0), s2.sum(axis=0)
-
-
-_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+    y = (x_hat * scale + bias).astype(out_dtype)
+    a = _per_channel(rstd, channels)[:, 0] * scale  # [B, C]
+    x_dot = x_dot.astype(jnp.float32)
+    mean_dot = _per_channel_mean(sum_over_positions(x_dot), groups, count)  # [B, C]
+    m = _per_channel_mean(sum_over_positions(x_hat * x_dot), groups, count)  # [B, C]
+    shift = bias_dot[None] - a * mean_dot
+    gain = scale_dot[None] - a * m
+    y_dot = (
+        a[:, None] * x_dot
+        + broadcast_over_positions(shift, positions)
+        + x_hat * broadcast_over_positions(gain, positions)
+    )
+    return y, y_dot.astype(out_dtype)
 
 
 def group_norm(
