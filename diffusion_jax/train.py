@@ -169,21 +169,28 @@ def make_train_step(
             aux = jax.lax.all_gather(aux, axis_name, tiled=True)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = tuple(
-            train_state_lib.update_ema(
-                ema, params, train_state_lib.ema_decay_at(decay, state.step, warmup=ema_warmup)
+
+        def apply_update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema_params = tuple(
+                train_state_lib.update_ema(
+                    ema, params, train_state_lib.ema_decay_at(decay, state.step, warmup=ema_warmup)
+                )
+                for ema, decay in zip(state.ema_params, ema_decays, strict=True)
             )
-            for ema, decay in zip(state.ema_params, ema_decays, strict=True)
-        )
-        history = state.loss_history
-        if history is not None:
-            history = timestep_sampling.update_loss_history(history, aux["t"], aux["per_example"])
-        updated = state.replace(
-            params=params, ema_params=ema_params, opt_state=opt_state, loss_history=history
-        )
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+            history = state.loss_history
+            if history is not None:
+                history = timestep_sampling.update_loss_history(
+                    history, aux["t"], aux["per_example"]
+                )
+            return state.replace(
+                params=params, ema_params=ema_params, opt_state=opt_state, loss_history=history
+            )
+
+        # A branch, not `where(finite, new, old)`: a select of old and new made XLA copy the
+        # parameters and both Adam moments at the start of every step (docs/benchmarks.md).
+        kept = jax.lax.cond(finite, apply_update, lambda state: state, state)
         new_state = kept.replace(
             step=state.step + 1, num_skipped=state.num_skipped + (~finite).astype(jnp.int32)
         )

@@ -60,6 +60,25 @@ def test_train_step_moves_ema_and_skips_non_finite_updates():
         np.testing.assert_array_equal(a, b)
 
 
+def test_skipped_step_leaves_adam_moments_and_emas_untouched():
+    tx = optax.adam(0.1)
+    step_fn = jax.jit(
+        train.make_train_step(
+            _quadratic_loss, tx, optax.constant_schedule(0.1), ema_decays=(0.9,), ema_warmup=False
+        )
+    )
+    state = train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=1)
+    rng = jax.random.key(0)
+    state, _ = step_fn(state, {"x": jnp.ones((4, 2), jnp.float32)}, rng)
+    before = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
+    assert np.all(before[0]["w"] != 0.0)  # the finite step did move the parameters
+    state, metrics = step_fn(state, {"x": jnp.full((4, 2), jnp.inf, jnp.float32)}, rng)
+    assert not bool(metrics["finite"]) and int(state.num_skipped) == 1
+    after = (state.params, state.ema_params, state.opt_state)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     config = _override(
         digits.get_config(), optim={"warmup_steps": 10, "decay": "cosine", "final_lr_fraction": 0.1}
