@@ -69,7 +69,8 @@ class BenchOptions:
     sample_batch_size: int = 16
     repeats: int = 5
     sample_repeats: int = 3
-    warmup: int = 1
+    warmup: int = 4  # train steps; XLA:CPU's and PyTorch's allocators settle over ~4 steps
+    sample_warmup: int = 1
     compare: str = "none"
     peak_tflops: float = 0.0  # 0: from PEAK_TFLOPS for the detected device, if known
     ynn_convolutions: bool = False  # True: XLA:CPU's default library for convolutions
@@ -320,7 +321,9 @@ def bench_sampling(config, options: BenchOptions, unet=None) -> dict:
                     clip_sample=config.sampling.clip_x0,
                     seed=options.seed,
                 )
-            times = interleaved_times(fns, repeats=options.sample_repeats, warmup=options.warmup)
+            times = interleaved_times(
+                fns, repeats=options.sample_repeats, warmup=options.sample_warmup
+            )
             nfe = {"ours": info["nfe"], "diffusers": num_steps}
             entry = {
                 key: _summary(t, options.sample_batch_size * nfe[key]) for key, t in times.items()
@@ -433,7 +436,8 @@ flags.DEFINE_list("samplers", list(SAMPLERS), "Samplers to time.")
 flags.DEFINE_integer("sample_batch_size", 0, "Images per sampling batch (0: --batch_size).")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions of the train step (median reported).")
 flags.DEFINE_integer("sample_repeats", 3, "Timed repetitions of each sampler.")
-flags.DEFINE_integer("warmup", 1, "Untimed calls before timing.")
+flags.DEFINE_integer("warmup", 4, "Untimed train steps before timing.")
+flags.DEFINE_integer("sample_warmup", 1, "Untimed calls of each sampler before timing.")
 flags.DEFINE_bool("ynn_convolutions", False, "XLA:CPU: keep YNNPACK convolutions (its default).")
 flags.DEFINE_integer("torch_threads", 0, "PyTorch threads (0: the cores JAX uses).")
 flags.DEFINE_bool(
@@ -456,6 +460,7 @@ def options_from_flags() -> BenchOptions:
         repeats=FLAGS.repeats,
         sample_repeats=FLAGS.sample_repeats,
         warmup=FLAGS.warmup,
+        sample_warmup=FLAGS.sample_warmup,
         compare=FLAGS.compare,
         peak_tflops=FLAGS.peak_tflops,
         ynn_convolutions=FLAGS.ynn_convolutions,

@@ -71,6 +71,7 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
         sys.executable, "-m", "diffusion_jax.bench", "--config", "configs/cifar10.py", "--tiny",
         "--batch_size", "8", "--steps", "2", "--samplers", "ddim,dpm_solver++",
         "--sample_batch_size", "2", "--repeats", "1", "--sample_repeats", "1", "--warmup", "0",
+        "--sample_warmup", "0",
         "--out", str(out),
     ] + (["--compare", "diffusers"] if HAS_TORCH else [])  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
