@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import winograd
 from diffusion_jax.models.layers import Dtype, default_init
 from diffusion_jax.models.reductions import add_bias
 
@@ -20,7 +21,12 @@ Initializer = Any
 
 class Conv(nn.Module):
     """2-D convolution of ``[B, H, W, C_in]`` with a ``[k, k, C_in, features]`` kernel,
-    symmetric zero padding of ``padding`` on each side, plus a bias."""
+    symmetric zero padding of ``padding`` on each side, plus a bias.
+
+    ``winograd=True`` computes the 3x3, stride-1 convolutions where it pays
+    (`winograd.applies`) by Winograd's F(2x2, 3x3), same parameters, same result up to
+    float32 rounding; for inference on CPUs (its gradient is slower than XLA's).
+    """
 
     features: int
     kernel_size: Sequence[int]
@@ -28,6 +34,7 @@ class Conv(nn.Module):
     padding: int = 0
     dtype: Dtype | None = None
     kernel_init: Initializer = default_init
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -35,6 +42,12 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         dtype = self.dtype or jnp.result_type(x, kernel)
+        size = x.shape[1:3]
+        if self.winograd and winograd.applies(
+            self.kernel_size, self.strides, self.padding, dtype, *size
+        ):
+            transformed = winograd.transform_kernel(kernel.astype(dtype))
+            return add_bias(winograd.conv3x3(x.astype(dtype), transformed), bias.astype(dtype))
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
             kernel.astype(dtype),

@@ -39,6 +39,7 @@ def _conv(
     *,
     strides: int = 1,
     zero: bool = False,
+    winograd: bool = False,
     name: str | None = None,
 ) -> Conv:
     return Conv(
@@ -48,6 +49,7 @@ def _conv(
         padding=kernel // 2,
         dtype=dtype,
         kernel_init=zeros_init if zero else default_init,
+        winograd=winograd,
         name=name,
     )
 
@@ -59,6 +61,7 @@ class ResBlock(nn.Module):
     as ``GroupNorm(h) * (1 + scale) + shift`` (FiLM, Perez et al. 2018). ``resample`` "up" or
     "down" makes it a BigGAN-style resampling block (Brock et al. 2019; Dhariwal & Nichol 2021).
     The last convolution is zero-initialised, so the block starts as the identity map.
+    ``winograd`` makes its 3x3 convolutions use Winograd's algorithm (`linear.Conv`).
     """
 
     out_channels: int
@@ -68,6 +71,7 @@ class ResBlock(nn.Module):
     deterministic: bool
     resample: str = "none"
     dtype: Dtype = jnp.float32
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
@@ -77,7 +81,10 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
             h, x = downsample_avg(h), downsample_avg(x)
-        h = _conv(self.out_channels, 3, self.dtype, name="conv_0")(h)  # [B, H, W, C_out]
+        conv3x3 = lambda zero, name: _conv(
+            self.out_channels, 3, self.dtype, zero=zero, winograd=self.winograd, name=name
+        )
+        h = conv3x3(False, "conv_0")(h)  # [B, H, W, C_out]
         emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb_out = Dense(emb_width, dtype=self.dtype, kernel_init=default_init, name="emb")(
             nn.silu(emb)
@@ -88,7 +95,7 @@ class ResBlock(nn.Module):
         else:
             h = nn.silu(norm("norm_1")(h + emb_out))
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-        h = _conv(self.out_channels, 3, self.dtype, zero=True, name="conv_1")(h)
+        h = conv3x3(True, "conv_1")(h)
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, self.dtype, name="skip")(x)  # Ho et al.'s NIN
         return x + h
@@ -126,6 +133,8 @@ class UNet(nn.Module):
     ``out_channels`` is the final count (already doubled for learned variance). With
     ``num_classes > 0`` the label embedding table has ``num_classes + 1`` rows, the last one
     the "null" class used for classifier-free guidance (Ho & Salimans 2022).
+    ``conv_algorithm="winograd"`` computes the 3x3 convolutions of inference (``train=False``)
+    by Winograd's F(2x2, 3x3) (`winograd`), faster on CPUs; training always convolves directly.
     """
 
     ch: int
@@ -145,6 +154,13 @@ class UNet(nn.Module):
     num_classes: int = 0
     dtype: Dtype = jnp.float32
     remat: bool = False
+    conv_algorithm: str = "direct"
+
+    def _winograd(self, train: bool) -> bool:
+        return self.conv_algorithm == "winograd" and not train
+
+    def _conv3x3(self, features: int, train: bool, name: str, **kwargs) -> Conv:
+        return _conv(features, 3, self.dtype, winograd=self._winograd(train), name=name, **kwargs)
 
     def _res_block(self, out_channels: int, train: bool, resample: str, name: str) -> nn.Module:
         block = nn.remat(ResBlock) if self.remat else ResBlock
@@ -156,6 +172,7 @@ class UNet(nn.Module):
             not train,
             resample=resample,
             dtype=self.dtype,
+            winograd=self._winograd(train),
             name=name,
         )
 
@@ -169,7 +186,7 @@ class UNet(nn.Module):
             return self._res_block(h.shape[-1], train, direction, name)(h, emb)
         if direction == "up":
             h = upsample_nearest(h)
-            return _conv(h.shape[-1], 3, self.dtype, name=name)(h) if self.conv_resample else h
+            return self._conv3x3(h.shape[-1], train, name)(h) if self.conv_resample else h
         if self.conv_resample:
             return _conv(h.shape[-1], 3, self.dtype, strides=2, name=name)(h)
         return downsample_avg(h)
@@ -224,12 +241,12 @@ class UNet(nn.Module):
     ) -> jax.Array:
         check_label(label, self.num_classes)
         emb = self._embed(t, label)  # [B, 4 ch]
-        h = _conv(self.ch, 3, self.dtype, name="conv_in")(x.astype(self.dtype))  # [B, H, W, ch]
+        h = self._conv3x3(self.ch, train, "conv_in")(x.astype(self.dtype))  # [B, H, W, ch]
         h, skips = self._encode(h, emb, train)
         h = self._res_block(h.shape[-1], train, "none", "mid_res_0")(h, emb)
         h = self._attn_block("mid_attn")(h)
         h = self._res_block(h.shape[-1], train, "none", "mid_res_1")(h, emb)
         h = self._decode(h, skips, emb, train)
         h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
-        out = _conv(self.out_channels, 3, self.dtype, zero=True, name="conv_out")(h)
+        out = self._conv3x3(self.out_channels, train, "conv_out", zero=True)(h)
         return out.astype(jnp.float32)  # [B, H, W, out_channels]
