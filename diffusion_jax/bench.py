@@ -79,10 +79,10 @@ class BenchOptions:
     seed: int = 0
 
 
-def compiler_options(options: BenchOptions) -> dict[str, str]:
-    """The XLA options of training runs (`compilation.compiler_options`: on the CPU,
-    convolutions in Eigen), or XLA's defaults with `ynn_convolutions`."""
-    return {} if options.ynn_convolutions else compilation.compiler_options()
+def compiler_options(options: BenchOptions, *, inference: bool = False) -> dict[str, str]:
+    """The XLA options of training (`inference`: sampling) runs (`compilation.compiler_options`:
+    on the CPU, convolutions in Eigen), or XLA's defaults with `ynn_convolutions`."""
+    return {} if options.ynn_convolutions else compilation.compiler_options(inference=inference)
 
 
 def interleaved_times(
@@ -238,7 +238,7 @@ def make_sample_runner(config, model, params, name: str, num_steps: int, options
         return sample(model_fn, noise, rng, labels)
 
     compiled, compile_time = compile_timed(
-        jax.jit(generate), params, noise, rng, options=compiler_options(options)
+        jax.jit(generate), params, noise, rng, options=compiler_options(options, inference=True)
     )
     info = {"compile": compile_time, "nfe": 0}
 
@@ -366,7 +366,10 @@ def environment(options: BenchOptions) -> dict:
         "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": compiler_options(options),
+        "compiler_options": {
+            "train": compiler_options(options),
+            "sampling": compiler_options(options, inference=True),
+        },
         "options": dataclasses.asdict(options),
     }
 

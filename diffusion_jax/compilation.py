@@ -27,15 +27,22 @@ from orbax.checkpoint import multihost as orbax_multihost
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 }
+# Programs that only run the network forward (sampling, evaluation): no YNNPACK at all.
+# Eigen runs the 16 batched products of Winograd's convolutions (models.winograd) faster:
+# the CIFAR-10 U-Net forward at batch 4 in 334 ms instead of 364 ms (docs/benchmarks.md).
+CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # How long a process waits at a barrier for the others to finish compiling a program.
 COMPILE_BARRIER_TIMEOUT_S = 3600
 _BARRIER_COUNT = itertools.count()
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str]:
-    """The XLA options our programs are compiled with on `backend` (default: JAX's)."""
+def compiler_options(backend: str | None = None, *, inference: bool = False) -> dict[str, str]:
+    """The XLA options our programs are compiled with on `backend` (default: JAX's);
+    `inference`: of a program without a backward pass."""
     backend = jax.default_backend() if backend is None else backend
-    return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
+    if backend != "cpu":
+        return {}
+    return dict(CPU_INFERENCE_COMPILER_OPTIONS if inference else CPU_COMPILER_OPTIONS)
 
 
 def compile_ahead(jitted: Callable, *args, options: dict[str, str] | None = None):
@@ -76,16 +83,18 @@ def wait_for_all_processes(name: str) -> None:
 
 class CompiledTogether:
     """`jitted(*args)` compiled ahead of its first call per argument signature, with our
-    XLA options, and started by all processes together (see the module docstring)."""
+    XLA options (`inference`: those of a program without a backward pass), and started by
+    all processes together (see the module docstring)."""
 
-    def __init__(self, jitted: Callable, name: str):
+    def __init__(self, jitted: Callable, name: str, *, inference: bool = False):
         self.jitted, self.name = jitted, name
+        self.options = compiler_options(inference=inference)
         self.compiled: dict = {}
 
     def __call__(self, *args):
         key = signature(args)
         if key not in self.compiled:
-            self.compiled[key] = compile_ahead(self.jitted, *args)
+            self.compiled[key] = compile_ahead(self.jitted, *args, options=self.options)
             wait_for_all_processes(f"compiled_{self.name}")
         return self.compiled[key](*args)
 

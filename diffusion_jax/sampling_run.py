@@ -151,7 +151,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     model, state, step = train.restore_for_inference(config, workdir)
     params = train.inference_params(state, config)
     generate = compilation.CompiledTogether(
-        jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size)), "generate"
+        jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size)),
+        "generate",
+        inference=True,
     )
     rng = jax.random.key(config.sampling.seed)
     batches = []
