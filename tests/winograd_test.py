@@ -20,7 +20,7 @@ def _direct(x, kernel):
 
 
 def test_minimal_filtering_identity_in_one_dimension():
-    """Lavin & Gray (2016), Eq. 7: A^T [(G g) ⊙ (B^T d)] = (d0 g0 + d1 g1 + d2 g2,
+    """Lavin & Gray (2016), Sec. 4.1: A^T [(G g) ⊙ (B^T d)] = (d0 g0 + d1 g1 + d2 g2,
     d1 g0 + d2 g1 + d3 g2) for every 4-sample input d and 3-tap filter g."""
     rng = np.random.default_rng(0)
     for _ in range(20):

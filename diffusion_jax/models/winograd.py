@@ -1,23 +1,23 @@
 """3x3 convolutions by Winograd's minimal filtering algorithm F(2x2, 3x3) (Lavin & Gray,
-"Fast Algorithms for Convolutional Neural Networks", CVPR 2016, Sec. 4).
+"Fast Algorithms for Convolutional Neural Networks", CVPR 2016, Sec. 4.1).
 
 Each 2x2 block of outputs is computed from a 4x4 tile of the input as
 
-    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A                       (Lavin & Gray, Eq. 8)
+    Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A            (the nested 2-D form of Lavin & Gray)
 
 with the constant matrices of `F2_3_*` below, so that a 3x3 convolution takes 16
 multiplications per 2x2 outputs and input-output channel pair instead of 36 (2.25x
-fewer). Summed over the input channels, the ⊙ becomes one matrix product per tile position
-(16 of them, Eq. 12): ``M_k = V_k U_k`` with ``V_k [tiles, C_in]`` the transformed input and
-``U_k [C_in, C_out]`` the transformed kernel.
+fewer). Summed over the input channels, the ⊙ becomes one matrix product per tile
+position (16 of them, as Lavin & Gray arrange it): ``M_k = V_k U_k`` with ``V_k [tiles,
+C_in]`` the transformed input and ``U_k [C_in, C_out]`` the transformed kernel.
 
 Used for inference on CPUs, where XLA's direct convolution runs at the speed of its matrix
 products, so fewer multiplications mean less time (docs/benchmarks.md: the 3x3 convolutions
 of the DDPM CIFAR-10 U-Net at batch 4 in 259 ms instead of 346 ms). The kernel transform
-``G g G^T`` depends only on the parameters: inside a sampler's loop XLA computes it once,
-before the loop. Float32 only: the transforms add and subtract up to 9 terms, which costs
-bfloat16 more precision than float32 (whose error stays at about 2e-6 of the output's
-magnitude, that of the direct convolution's own rounding).
+``G g G^T`` is elementwise work on the parameters, small beside the products. Float32
+only: the transforms add and subtract up to 9 terms, which costs bfloat16 more precision
+than float32 (whose error stays within 4e-6 of the output's magnitude, as the direct
+convolution's own rounding).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# F(2, 3) of Lavin & Gray (2016), Eq. 7: y = A^T [(G g) ⊙ (B^T d)] for a 4-sample input d
+# F(2, 3) of Lavin & Gray (2016), Sec. 4.1: y = A^T [(G g) ⊙ (B^T d)] for a 4-sample input d
 # and a 3-tap filter g gives the 2 outputs y_i = sum_k d_{i+k} g_k (a correlation, as
 # convolutional networks use).
 F2_3_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
@@ -105,7 +105,7 @@ def conv3x3(x: jax.Array, transformed_kernel: jax.Array) -> jax.Array:
     _, tiles_h, tiles_w, _ = tiles[0][0].shape
     v = _two_sided(F2_3_BT, tiles)  # B^T d B, v[a][b] [B, tiles_h, tiles_w, C_in]
     v = jnp.stack([v_ab for row in v for v_ab in row]).reshape(TILE * TILE, -1, channels)
-    m = jnp.einsum("knc,kco->kno", v, transformed_kernel)  # Eq. 12: one product per position
+    m = jnp.einsum("knc,kco->kno", v, transformed_kernel)  # one product per tile position
     m = m.reshape(TILE, TILE, batch, tiles_h, tiles_w, -1)
     y = _two_sided(F2_3_AT, [[m[a, b] for b in range(TILE)] for a in range(TILE)])  # A^T M A
     y = jnp.stack([jnp.stack(row) for row in y])  # [2 (row in block), 2 (col), B, th, tw, O]
