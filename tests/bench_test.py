@@ -81,6 +81,8 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
     assert "train img/s" in done.stdout
     results = json.loads(out.read_text())
     assert set(results) >= {"environment", "train", "sampling", "compile", "memory"}
+    on_cpu = jax.default_backend() == "cpu"  # float32 sampling on a CPU: Winograd ("auto")
+    assert results["environment"]["conv_algorithm"] == ("winograd" if on_cpu else "direct")
     ours = results["train"]["ours"]
     _assert_positive_timings(ours)
     assert ours["params"] == _param_count(bench.shrink_to_tiny(cifar10.get_config()).model)
