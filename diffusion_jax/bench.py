@@ -12,7 +12,8 @@ compiled step; MFU = FLOPs / time / peak, with the peak from `--peak_tflops` or 
 `PEAK_TFLOPS` for the detected device. Sampling: DDIM and DPM-Solver++ at each step count
 of `--steps`, one compiled program each; image-NFE/s = batch * NFE / time. Timed callables
 (ours and theirs) are interleaved repetition by repetition, so that a machine shared with
-other work slows both alike and the ratios stay meaningful. See docs/benchmarks.md.
+other work slows both alike and the ratios stay meaningful. diffusers runs on the device
+ours runs on (`--torch_device`), in the same compute dtype. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class BenchOptions:
     peak_tflops: float = 0.0  # 0: from PEAK_TFLOPS for the detected device, if known
     ynn_convolutions: bool = False  # True: XLA:CPU's default library for convolutions
     torch_threads: int = 0  # 0: as many as JAX uses (every core this process may run on)
+    torch_device: str = "auto"  # diffusers' side: "auto" (where ours runs), "cpu", "cuda"
     retain_freed_memory: bool = True  # host_memory.retain_freed_memory(), as training runs
     seed: int = 0
 
@@ -250,20 +252,23 @@ def make_sample_runner(config, model, params, name: str, num_steps: int, options
 
 
 def _diffusers_side(config: ml_collections.ConfigDict, options: BenchOptions, our_params: int):
-    """diffusers' U-Net of the same configuration, after checking the parameter counts."""
+    """diffusers' U-Net of the same configuration, after checking the parameter counts, on
+    the device `bench_torch.torch_device` picks (ours, where PyTorch sees it)."""
     import torch
 
     from diffusion_jax import bench_torch
 
+    device = bench_torch.torch_device(options.torch_device, jax.default_backend())
     torch.set_num_threads(options.torch_threads or len(os.sched_getaffinity(0)))
-    unet = bench_torch.build_diffusers_unet(config.model, seed=options.seed)
+    bench_torch.set_precision(device)
+    unet = bench_torch.build_diffusers_unet(config.model, seed=options.seed, device=device)
     their_params = bench_torch.count_torch_params(unet)
     if their_params != our_params:
         raise ValueError(
             f"--compare diffusers: diffusers' UNet2DModel has {their_params} parameters, ours "
             f"{our_params}; the model config has no exact diffusers counterpart"
         )
-    return unet, {**bench_torch.torch_info(), "params": their_params}
+    return unet, {**bench_torch.torch_info(device), "params": their_params}
 
 
 def _summary(times: list[float], items: int) -> dict:
@@ -286,6 +291,7 @@ def bench_training(config, options: BenchOptions, runner, unet=None) -> dict:
             learning_rate=config.optim.learning_rate,
             grad_clip_norm=config.optim.grad_clip_norm,
             ema_decay=config.training.ema_decays[0],
+            dtype=options.dtype,
             seed=options.seed,
         )
     times = interleaved_times(fns, repeats=options.repeats, warmup=options.warmup)
@@ -319,6 +325,7 @@ def bench_sampling(config, options: BenchOptions, unet=None) -> dict:
                     num_steps=num_steps,
                     betas=bench_torch.betas_of(config.diffusion),
                     clip_sample=config.sampling.clip_x0,
+                    dtype=options.dtype,
                     seed=options.seed,
                 )
             times = interleaved_times(
@@ -394,6 +401,12 @@ def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> d
     compile_times = {key: entry["ours"]["compile"] for key, entry in results["sampling"].items()}
     results["compile"] = {"train_step": results["train"]["ours"]["compile"], **compile_times}
     results["memory"] = memory_stats(jax.devices()[0])
+    if unet is not None:
+        from diffusion_jax import bench_torch
+
+        results["diffusers"]["peak_bytes"] = bench_torch.peak_memory_bytes(
+            results["diffusers"]["device"]
+        )
     return results
 
 
@@ -418,7 +431,17 @@ def format_table(results: dict) -> str:
         rows.append((f"compile {key} s (wall)", seconds["wall_s"], None, None))
         rows.append((f"compile {key} s (CPU)", seconds["cpu_s"], None, None))
     memory = results["memory"]
-    rows.append((f"peak memory GiB ({memory['kind']})", memory["peak_bytes"] / 2**30, None, None))
+    theirs_peak = results.get("diffusers", {}).get("peak_bytes")
+    rows.append(
+        (
+            f"peak memory GiB ({memory['kind']})",
+            memory["peak_bytes"] / 2**30,
+            None if theirs_peak is None else theirs_peak / 2**30,
+            None,
+        )
+    )
+    if "diffusers" in results:
+        rows.append(("diffusers device", None, results["diffusers"]["device"], None))
     cell = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.4g}")
     widths = [max(len(cell(row[i])) for row in rows) for i in range(4)]
     return "\n".join(
@@ -445,6 +468,9 @@ flags.DEFINE_integer("warmup", 4, "Untimed train steps before timing.")
 flags.DEFINE_integer("sample_warmup", 1, "Untimed calls of each sampler before timing.")
 flags.DEFINE_bool("ynn_convolutions", False, "XLA:CPU: keep YNNPACK convolutions (its default).")
 flags.DEFINE_integer("torch_threads", 0, "PyTorch threads (0: the cores JAX uses).")
+flags.DEFINE_enum(
+    "torch_device", "auto", ["auto", "cpu", "cuda"], "diffusers' device (auto: where ours runs)."
+)
 flags.DEFINE_bool(
     "retain_freed_memory",
     True,
@@ -470,6 +496,7 @@ def options_from_flags() -> BenchOptions:
         peak_tflops=FLAGS.peak_tflops,
         ynn_convolutions=FLAGS.ynn_convolutions,
         torch_threads=FLAGS.torch_threads,
+        torch_device=FLAGS.torch_device,
         retain_freed_memory=FLAGS.retain_freed_memory,
     )
 

@@ -120,3 +120,45 @@ def test_diffusers_comparison_rejects_models_it_cannot_mirror():
         bench_torch.diffusers_unet_kwargs(config)
     with pytest.raises(ValueError, match="model.name"):
         bench_torch.diffusers_unet_kwargs(model_presets.dit("S/2"))
+
+
+def test_diffusers_side_runs_where_ours_runs():
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    import torch
+
+    from diffusion_jax import bench_torch
+
+    assert bench_torch.torch_device("auto", "cpu") == "cpu"
+    assert bench_torch.torch_device("cpu", "gpu") == "cpu"
+    expected_on_gpu = "cuda" if torch.cuda.is_available() else "cpu"
+    assert bench_torch.torch_device("auto", "gpu") == expected_on_gpu
+    with pytest.raises(ValueError, match="--torch_device"):
+        bench_torch.torch_device("mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--torch_device=cuda"):
+            bench_torch.torch_device("cuda", "gpu")
+
+
+def test_diffusers_bfloat16_runs_its_network_in_bfloat16():
+    """`--dtype bfloat16` compares like with like: diffusers' convolutions and products in
+    bfloat16 (autocast), its weights float32; the output within bfloat16's rounding of the
+    float32 one."""
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    import torch
+
+    from diffusion_jax import bench_torch
+
+    unet = bench_torch.build_diffusers_unet(model_presets.tiny()).eval()  # no dropout
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    with torch.inference_mode():
+        exact = unet(x, t).sample
+        with bench_torch.autocast("cpu", "bfloat16"):
+            rounded = unet(x, t).sample
+        with bench_torch.autocast("cpu", "float32"):
+            same = unet(x, t).sample
+    assert exact.dtype == same.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(exact, same)
+    error = (rounded.float() - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.05  # bfloat16 keeps 8 significant bits
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}

@@ -14,7 +14,8 @@ C_in]`` the transformed input and ``U_k [C_in, C_out]`` the transformed kernel.
 Used for inference on CPUs, where XLA's direct convolution runs at the speed of its matrix
 products, so fewer multiplications mean less time (docs/benchmarks.md: the 3x3 convolutions
 of the DDPM CIFAR-10 U-Net at batch 4 in 259 ms instead of 346 ms). The kernel transform
-``G g G^T`` is elementwise work on the parameters, small beside the products. Float32
+``G g G^T`` is elementwise work on the parameters, which XLA hoists out of a sampler's
+loop (loop-invariant code motion: computed once per sampling run, not per step). Float32
 only: the transforms add and subtract up to 9 terms, which costs bfloat16 more precision
 than float32 (whose error stays within 4e-6 of the output's magnitude, as the direct
 convolution's own rounding).
