@@ -77,6 +77,7 @@ class BenchOptions:
     ynn_convolutions: bool = False  # True: XLA:CPU's default library for convolutions
     torch_threads: int = 0  # 0: as many as JAX uses (every core this process may run on)
     torch_device: str = "auto"  # diffusers' side: "auto" (where ours runs), "cpu", "cuda"
+    skip_with: str = "cond"  # how the train step skips a non-finite update (train.SKIP_FORMS)
     retain_freed_memory: bool = True  # host_memory.retain_freed_memory(), as training runs
     seed: int = 0
 
@@ -177,6 +178,7 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
         tx,
         lr_schedule,
         ema_decays=tuple(config.training.ema_decays),
+        skip_with=options.skip_with,
     )
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(options.batch_size, strategy.num_devices)
@@ -471,6 +473,9 @@ flags.DEFINE_integer("torch_threads", 0, "PyTorch threads (0: the cores JAX uses
 flags.DEFINE_enum(
     "torch_device", "auto", ["auto", "cpu", "cuda"], "diffusers' device (auto: where ours runs)."
 )
+flags.DEFINE_enum(
+    "skip_with", "cond", list(train.SKIP_FORMS), "Train step: how a non-finite update is skipped."
+)
 flags.DEFINE_bool(
     "retain_freed_memory",
     True,
@@ -497,6 +502,7 @@ def options_from_flags() -> BenchOptions:
         ynn_convolutions=FLAGS.ynn_convolutions,
         torch_threads=FLAGS.torch_threads,
         torch_device=FLAGS.torch_device,
+        skip_with=FLAGS.skip_with,
         retain_freed_memory=FLAGS.retain_freed_memory,
     )
 

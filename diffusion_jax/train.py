@@ -12,6 +12,7 @@ says whether to skip it ("skip") or stop the run with a message ("stop").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import Callable
@@ -140,6 +141,8 @@ def make_create_fn(config: ml_collections.ConfigDict, model, tx) -> Callable:
 
 # ---------------------------------------------------------------- the train step
 
+SKIP_FORMS = ("cond", "select")  # how `make_train_step` skips a non-finite update
+
 
 def make_train_step(
     loss_fn: losses.LossFn,
@@ -149,6 +152,7 @@ def make_train_step(
     ema_decays: tuple[float, ...],
     ema_warmup: bool = True,
     axis_name: str | None = None,
+    skip_with: str = "cond",
 ) -> Callable:
     """The pure `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -156,7 +160,12 @@ def make_train_step(
     counter and `num_skipped` changes when the loss or gradient norm is not finite. Under
     `jax.pmap` pass `axis_name`: gradients are averaged over it and each device draws its own
     noise; under `jax.jit` on a mesh the batch is one global array and XLA does the rest.
+    `skip_with` is how a non-finite update is skipped (`SKIP_FORMS`): "cond" (a branch) or
+    "select" (`where(finite, new, old)`); the same results, different programs
+    (`--skip_with` of the benchmark times both).
     """
+    if skip_with not in SKIP_FORMS:
+        raise ValueError(f"skip_with={skip_with!r}; allowed: {SKIP_FORMS}")
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -188,9 +197,12 @@ def make_train_step(
                 params=params, ema_params=ema_params, opt_state=opt_state, loss_history=history
             )
 
-        # A branch, not `where(finite, new, old)`: a select of old and new made XLA copy the
-        # parameters and both Adam moments at the start of every step (docs/benchmarks.md).
-        kept = jax.lax.cond(finite, apply_update, lambda state: state, state)
+        # A branch by default: a select of old and new made XLA:CPU copy the parameters and
+        # both Adam moments at the start of every step (docs/benchmarks.md).
+        if skip_with == "cond":
+            kept = jax.lax.cond(finite, apply_update, lambda state: state, state)
+        else:
+            kept = jax.tree.map(functools.partial(jnp.where, finite), apply_update(state), state)
         new_state = kept.replace(
             step=state.step + 1, num_skipped=state.num_skipped + (~finite).astype(jnp.int32)
         )

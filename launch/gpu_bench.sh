@@ -8,7 +8,8 @@
 # `wheels` downloads, for CPython 3.12 on x86-64 Linux, the packages that a machine with
 # JAX, flax, optax, orbax, chex and PyTorch (CUDA) but nothing else lacks to import the
 # benchmark and diffusers; `run` installs them from .whl/ (if there) into /tmp/site, then
-# writes OUT_DIR/bench_{bfloat16,float32}.json and .log and OUT_DIR/gpu.txt. Each
+# writes OUT_DIR/bench_{bfloat16,float32,bfloat16_select}.json and .log and OUT_DIR/gpu.txt
+# (8 files, what the lent machine sends back). Each
 # benchmark run takes a few minutes on an H100 / H200 (compiles included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,11 @@ run() {
       --steps 20,50 --repeats 10 --warmup 5 --out "$out/bench_$dtype.json" 2>&1 |
       tee "$out/bench_$dtype.log"
   done
+  # The train step with `where(finite, new, old)` instead of `lax.cond` (a conditional may
+  # cost XLA:GPU a host round trip): compare its img/s with bench_bfloat16.json's.
+  python3 -m diffusion_jax.bench --config configs/cifar10.py --batch_size 128 \
+    --dtype bfloat16 --samplers= --repeats 10 --warmup 5 --skip_with select \
+    --out "$out/bench_bfloat16_select.json" 2>&1 | tee "$out/bench_bfloat16_select.log"
 }
 
 case "${1:-}" in

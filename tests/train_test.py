@@ -60,14 +60,22 @@ def test_train_step_moves_ema_and_skips_non_finite_updates():
         np.testing.assert_array_equal(a, b)
 
 
-def test_skipped_step_leaves_adam_moments_and_emas_untouched():
+def _adam_step_fn(skip_with: str):
     tx = optax.adam(0.1)
-    step_fn = jax.jit(
-        train.make_train_step(
-            _quadratic_loss, tx, optax.constant_schedule(0.1), ema_decays=(0.9,), ema_warmup=False
-        )
+    step_fn = train.make_train_step(
+        _quadratic_loss,
+        tx,
+        optax.constant_schedule(0.1),
+        ema_decays=(0.9,),
+        ema_warmup=False,
+        skip_with=skip_with,
     )
-    state = train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=1)
+    return jax.jit(step_fn), train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=1)
+
+
+@pytest.mark.parametrize("skip_with", train.SKIP_FORMS)
+def test_skipped_step_leaves_adam_moments_and_emas_untouched(skip_with):
+    step_fn, state = _adam_step_fn(skip_with)
     rng = jax.random.key(0)
     state, _ = step_fn(state, {"x": jnp.ones((4, 2), jnp.float32)}, rng)
     before = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
@@ -77,6 +85,24 @@ def test_skipped_step_leaves_adam_moments_and_emas_untouched():
     after = (state.params, state.ema_params, state.opt_state)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_both_ways_of_skipping_give_the_same_steps():
+    """The "cond" and "select" forms are two programs of one function: bitwise equal states
+    over finite and skipped steps alike; an unknown form is named."""
+    (cond_fn, cond_state), (select_fn, select_state) = map(_adam_step_fn, train.SKIP_FORMS)
+    rng = jax.random.key(0)
+    for x in (1.0, 2.0, np.nan, 3.0):
+        batch = {"x": jnp.full((4, 2), x, jnp.float32)}
+        cond_state, _ = cond_fn(cond_state, batch, rng)
+        select_state, _ = select_fn(select_state, batch, rng)
+        chex.assert_trees_all_equal(cond_state, select_state)
+    assert int(cond_state.num_skipped) == 1 and int(cond_state.step) == 4
+    with pytest.raises(ValueError, match="skip_with='where'"):
+        train.make_train_step(
+            _quadratic_loss, optax.adam(0.1), optax.constant_schedule(0.1), ema_decays=(),
+            skip_with="where",
+        )  # fmt: skip
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
