@@ -35,8 +35,11 @@ F2_3_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.
 F2_3_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 TILE = 4  # input tile of F(2x2, 3x3): 2 outputs + 3 taps - 1
 OUT = 2  # outputs per tile and axis
-# Smallest H and W where it pays: on a 2-core AVX2 CPU at batch 4, 16x16x256 channels took
-# 7.1 ms against 10.1 ms direct, 8x8x256 2.8 ms against 2.2 ms (16 products too small).
+# Smallest H and W where it pays in the whole U-Net forward pass (2-core AVX2 CPU): with
+# Winograd at 8x8 too, its convolutions took 263 against 259 ms at batch 4 and the forward
+# pass 1324 against 1351 ms at batch 16 (within the noise), at 4x4 too 1371 ms. Alone, an
+# 8x8x256 convolution is faster by Winograd (1.9 against 2.7 ms at batch 4): the whole
+# pass, not the layer, decides (docs/benchmarks.md).
 MIN_SIZE = 16
 
 
