@@ -230,15 +230,14 @@ def make_sample_runner(config, model, params, name: str, num_steps: int, options
         num_steps=num_steps,
         **_sampler_options(config, name, prediction),
     )
-    apply_fn = sampling_run.network_fn(model, train=False)
     batch = options.sample_batch_size
     labels = sampling_run.sample_labels(config, batch)
     shape = (batch, *models.sample_shape(config.model))
     noise = jax.random.normal(jax.random.PRNGKey(options.seed), shape)  # [B, H, W, C]
     rng = jax.random.PRNGKey(options.seed + 1)
 
-    def generate(params, noise, rng):
-        model_fn = lambda x, t, cond: apply_fn(params, x, t, cond, None)
+    def generate(params, noise, rng):  # the network function of sampling runs
+        model_fn = sampling_run.model_fn_of(config, model, params, schedule)
         return sample(model_fn, noise, rng, labels)
 
     compiled, compile_time = compile_timed(

@@ -65,7 +65,7 @@ def sampling_schedule(diffusion: ml_collections.ConfigDict):
     return schedule, "x0"
 
 
-def _model_fn(config: ml_collections.ConfigDict, model, params, schedule) -> Callable:
+def model_fn_of(config: ml_collections.ConfigDict, model, params, schedule) -> Callable:
     """model_fn(x, t, cond) of the samplers; for EDM the denoiser D(x; sigma)."""
     apply_fn = network_fn(model, train=False)
     if config.diffusion.loss_type != "edm":
@@ -122,7 +122,7 @@ def make_generate_fn(config: ml_collections.ConfigDict, model, *, count: int) ->
     def generate(params, rng):
         noise_rng, sample_rng = jax.random.split(rng)
         noise = jax.random.normal(noise_rng, shape, jnp.float32)
-        x0, _ = sample(_model_fn(config, model, params, schedule), noise, sample_rng, labels)
+        x0, _ = sample(model_fn_of(config, model, params, schedule), noise, sample_rng, labels)
         return x0
 
     return generate

@@ -86,7 +86,7 @@ def make_ode_bits_per_dim_fn(config: ml_collections.ConfigDict, model) -> Callab
     )
 
     def bits_per_dim(params, batch, rng):
-        model_fn = sampling_run._model_fn(config, model, params, schedule)
+        model_fn = sampling_run.model_fn_of(config, model, params, schedule)
         result = bits_per_dim_fn(model_fn, batch["x"], rng, batch.get("label"))
         return {"bits_per_dim": result["bits_per_dim"], "nfe": result["nfe"]}
 
