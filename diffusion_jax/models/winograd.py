@@ -100,7 +100,7 @@ def transform_input(x: jax.Array) -> jax.Array:
     padded = jnp.pad(x, ((0, 0), (1, pad_h), (1, pad_w), (0, 0)))
     rows, cols = OUT * tiles_h, OUT * tiles_w
     along_h = jnp.stack(_combine(F2_3_BT, [padded[:, i : i + rows : OUT] for i in range(TILE)]))
-    # along_h [4 (a), B, tiles_h, W + 2, C]: B^T applied down each column of tiles
+    # along_h [4 (a), B, tiles_h, padded width, C]: B^T applied down each column of tiles
     along_w = _combine(F2_3_BT, [along_h[:, :, :, j : j + cols : OUT] for j in range(TILE)])
     return jnp.stack(along_w, axis=1).reshape(TILE * TILE, -1, channels)  # [(a, b), N, C]
 
