@@ -41,7 +41,7 @@ def _unet(**overrides) -> ml_collections.ConfigDict:
     model.use_scale_shift_norm = False  # True: FiLM time conditioning
     model.conv_resample = True
     model.norm_groups = 32
-    # 3x3 convolutions at inference: "auto" (Winograd on CPUs, in float32), "direct", "winograd"
+    # 3x3 convolutions: "auto" (Winograd on CPUs, in float32), "direct", "winograd"
     model.conv_algorithm = "auto"
     model.update(overrides)
     return model

@@ -8,12 +8,13 @@ against diffusers (PyTorch) on the same machine in the same process.
 Training: the compiled train step of `diffusion_jax.train` (loss, gradient, clipping, Adam,
 EMA) on a synthetic batch; images/s from the median of timed repetitions after warm-up,
 each blocking on the result. Model FLOPs per step come from XLA's cost analysis of the
-compiled step; MFU = FLOPs / time / peak, with the peak from `--peak_tflops` or the table
-`PEAK_TFLOPS` for the detected device. Sampling: DDIM and DPM-Solver++ at each step count
-of `--steps`, one compiled program each; image-NFE/s = batch * NFE / time. Timed callables
-(ours and theirs) are interleaved repetition by repetition, so that a machine shared with
-other work slows both alike and the ratios stay meaningful. diffusers runs on the device
-ours runs on (`--torch_device`), in the same compute dtype. See docs/benchmarks.md.
+step with direct convolutions; MFU = FLOPs / time / peak, with the peak from `--peak_tflops`
+or the table `PEAK_TFLOPS` for the detected device. Sampling: DDIM and DPM-Solver++ at
+each step count of `--steps`, one compiled program each; image-NFE/s = batch * NFE / time.
+Timed callables (ours and theirs) are interleaved repetition by repetition, so that a
+machine shared with other work slows both alike and the ratios stay meaningful. diffusers
+runs on the device ours runs on (`--torch_device`), in the same compute dtype. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ class BenchOptions:
     seed: int = 0
 
 
-def compiler_options(options: BenchOptions, *, inference: bool = False) -> dict[str, str]:
-    """The XLA options of training (`inference`: sampling) runs (`compilation.compiler_options`:
-    on the CPU, convolutions in Eigen), or XLA's defaults with `ynn_convolutions`."""
-    return {} if options.ynn_convolutions else compilation.compiler_options(inference=inference)
+def compiler_options(options: BenchOptions) -> dict[str, str]:
+    """The XLA options of our runs (`compilation.compiler_options`: on the CPU, convolutions
+    and matrix products in Eigen), or XLA's defaults with `ynn_convolutions`."""
+    return {} if options.ynn_convolutions else compilation.compiler_options()
 
 
 def interleaved_times(
@@ -113,7 +114,7 @@ def compile_timed(jitted, *args, options: dict[str, str]):
 
 
 def cost_flops(compiled) -> float:
-    """FLOPs of one call of a compiled executable, from XLA's cost analysis."""
+    """FLOPs of one call of a compiled (or lowered) program, from XLA's cost analysis."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0]
@@ -168,9 +169,8 @@ def _synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: i
     return batch
 
 
-def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
-    """(run, info): `run()` takes one compiled train step of `train.make_train_step` and
-    blocks on it; info holds the compile time, FLOPs per step and parameter count."""
+def _train_step_parts(config: ml_collections.ConfigDict, options: BenchOptions):
+    """(model, optimizer, train step function) of `train`, as training runs build them."""
     model = models.build_model(config.model)
     tx, lr_schedule = train.make_optimizer(config.optim, num_steps=config.training.num_steps)
     train_step = train.make_train_step(
@@ -180,6 +180,26 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
         ema_decays=tuple(config.training.ema_decays),
         skip_with=options.skip_with,
     )
+    return model, tx, train_step
+
+
+def model_flops_per_step(config, options: BenchOptions, strategy, state, batch, rng) -> float:
+    """FLOPs of one train step as the network defines them: XLA's count of the step with
+    direct convolutions (lowered, not compiled). Winograd's convolutions (`models.winograd`)
+    need fewer multiplications for the same work, which is speed, not fewer model FLOPs."""
+    direct = ml_collections.ConfigDict(config.to_dict())
+    if direct.model.name == "unet":
+        direct.model.conv_algorithm = "direct"
+    train_step = _train_step_parts(direct, options)[2]
+    jitted = strategy.compile_train_step(train_step, jax.eval_shape(lambda: state))
+    return cost_flops(jitted.lower(state, batch, rng))
+
+
+def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
+    """(run, info): `run()` takes one compiled train step of `train.make_train_step` and
+    blocks on it; info holds the compile time, the FLOPs per step (the network's, and XLA's
+    count of the compiled step) and the parameter count."""
+    model, tx, train_step = _train_step_parts(config, options)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(options.batch_size, strategy.num_devices)
     create = train.make_create_fn(config, model, tx)
@@ -198,7 +218,8 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
 
     info = {
         "compile": compile_time,
-        "flops_per_step": cost_flops(compiled),
+        "flops_per_step": model_flops_per_step(config, options, strategy, state, batch, rng),
+        "compiled_flops_per_step": cost_flops(compiled),
         "params": models.count_params(state.params),
         "devices": strategy.num_devices,
     }
@@ -241,7 +262,7 @@ def make_sample_runner(config, model, params, name: str, num_steps: int, options
         return sample(model_fn, noise, rng, labels)
 
     compiled, compile_time = compile_timed(
-        jax.jit(generate), params, noise, rng, options=compiler_options(options, inference=True)
+        jax.jit(generate), params, noise, rng, options=compiler_options(options)
     )
     info = {"compile": compile_time, "nfe": 0}
 
@@ -374,10 +395,7 @@ def environment(options: BenchOptions) -> dict:
         "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": {
-            "train": compiler_options(options),
-            "sampling": compiler_options(options, inference=True),
-        },
+        "compiler_options": compiler_options(options),
         "options": dataclasses.asdict(options),
     }
 
@@ -418,7 +436,8 @@ def format_table(results: dict) -> str:
     ours = train["ours"]
     theirs = train.get("diffusers", {})
     rows.append(("train img/s", ours["items_per_s"], theirs.get("items_per_s"), train.get("ratio")))
-    rows.append(("train step TFLOP (XLA)", ours["flops_per_step"] / 1e12, None, None))
+    rows.append(("train step TFLOP (model)", ours["flops_per_step"] / 1e12, None, None))
+    rows.append(("... as compiled (XLA)", ours["compiled_flops_per_step"] / 1e12, None, None))
     rows.append(("train TFLOP/s", ours["tflops_per_s"], None, None))
     rows.append(("train MFU", ours["mfu"], None, None))
     for key, entry in results["sampling"].items():

@@ -3,9 +3,10 @@
 Training, sampling and evaluation wrap their jitted functions in `CompiledTogether`, which
 compiles each new argument signature ahead of its first call (`lower(...).compile(...)`):
 
-- with the XLA options of `compiler_options()`: on CPUs, convolutions go to Eigen instead
-  of YNNPACK, whose weight-gradient convolution is about 3x slower (docs/benchmarks.md:
-  the CIFAR-10 train step runs 1.4x faster);
+- with the XLA options of `compiler_options()`: on CPUs, convolutions and matrix products
+  go to Eigen instead of YNNPACK, whose weight-gradient convolution is about 3x slower
+  (docs/benchmarks.md: the CIFAR-10 train step runs 1.4x faster) and whose batched products
+  (Winograd's convolutions, `models.winograd`) are 10-25% slower;
 - with several processes, all of them then meet at a barrier of JAX's coordination service
   before the program first runs. Without it, processes reach a program's first collective
   far apart when one loads it from the persistent compilation cache while another compiles
@@ -23,26 +24,21 @@ import numpy as np
 from absl import logging
 from orbax.checkpoint import multihost as orbax_multihost
 
-# YNNPACK for matrix products only, so XLA:CPU (jaxlib 0.10) runs convolutions in Eigen.
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-}
-# Programs that only run the network forward (sampling, evaluation): no YNNPACK at all.
-# Eigen runs the 16 batched products of Winograd's convolutions (models.winograd) faster:
-# the CIFAR-10 U-Net forward at batch 4 in 334 ms instead of 364 ms (docs/benchmarks.md).
-CPU_INFERENCE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# No YNNPACK fusions: XLA:CPU (jaxlib 0.10) runs convolutions and matrix products in Eigen.
+# Eigen's weight-gradient convolution is about 3x faster; its batched products run
+# Winograd's convolutions faster (the CIFAR-10 U-Net forward at batch 4 in 334 ms instead of
+# 364 ms with YNNPACK for products, the train step at batch 16 in 5.43 s instead of 5.81 s
+# (docs/benchmarks.md); with direct convolutions the train step is the same, 5.81 / 5.90 s).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # How long a process waits at a barrier for the others to finish compiling a program.
 COMPILE_BARRIER_TIMEOUT_S = 3600
 _BARRIER_COUNT = itertools.count()
 
 
-def compiler_options(backend: str | None = None, *, inference: bool = False) -> dict[str, str]:
-    """The XLA options our programs are compiled with on `backend` (default: JAX's);
-    `inference`: of a program without a backward pass."""
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """The XLA options our programs are compiled with on `backend` (default: JAX's)."""
     backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu":
-        return {}
-    return dict(CPU_INFERENCE_COMPILER_OPTIONS if inference else CPU_COMPILER_OPTIONS)
+    return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
 
 
 def compile_ahead(jitted: Callable, *args, options: dict[str, str] | None = None):
@@ -83,12 +79,11 @@ def wait_for_all_processes(name: str) -> None:
 
 class CompiledTogether:
     """`jitted(*args)` compiled ahead of its first call per argument signature, with our
-    XLA options (`inference`: those of a program without a backward pass), and started by
-    all processes together (see the module docstring)."""
+    XLA options, and started by all processes together (see the module docstring)."""
 
-    def __init__(self, jitted: Callable, name: str, *, inference: bool = False):
+    def __init__(self, jitted: Callable, name: str):
         self.jitted, self.name = jitted, name
-        self.options = compiler_options(inference=inference)
+        self.options = compiler_options()
         self.compiled: dict = {}
 
     def __call__(self, *args):

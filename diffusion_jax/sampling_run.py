@@ -153,7 +153,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     generate = compilation.CompiledTogether(
         jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size)),
         "generate",
-        inference=True,
     )
     rng = jax.random.key(config.sampling.seed)
     batches = []

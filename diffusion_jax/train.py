@@ -339,10 +339,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         generate=compilation.CompiledTogether(
             jax.jit(sampling_run.make_generate_fn(config, model, count=config.sampling.num_images)),
             "generate",
-            inference=True,
         ),
         bits_per_dim=compilation.CompiledTogether(
-            jax.jit(make_bits_per_dim_fn(config, model)), "bits_per_dim", inference=True
+            jax.jit(make_bits_per_dim_fn(config, model)), "bits_per_dim"
         ),
     )
 

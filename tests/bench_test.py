@@ -81,12 +81,14 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
     assert "train img/s" in done.stdout
     results = json.loads(out.read_text())
     assert set(results) >= {"environment", "train", "sampling", "compile", "memory"}
-    on_cpu = jax.default_backend() == "cpu"  # float32 sampling on a CPU: Winograd ("auto")
+    on_cpu = jax.default_backend() == "cpu"  # float32 on a CPU: Winograd ("auto")
     assert results["environment"]["conv_algorithm"] == ("winograd" if on_cpu else "direct")
     ours = results["train"]["ours"]
     _assert_positive_timings(ours)
     assert ours["params"] == _param_count(bench.shrink_to_tiny(cifar10.get_config()).model)
     assert ours["flops_per_step"] > 0 and ours["compile"]["wall_s"] > 0
+    # The model's FLOPs are those of direct convolutions; Winograd's step needs fewer.
+    assert (ours["compiled_flops_per_step"] < ours["flops_per_step"]) == on_cpu
     assert set(results["compile"]) == {"train_step", "ddim_2", "dpm_solver++_2"}
     assert set(results["sampling"]) == {"ddim_2", "dpm_solver++_2"}
     for entry in results["sampling"].values():

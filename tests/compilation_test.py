@@ -41,27 +41,22 @@ def test_cpu_options_send_convolutions_to_eigen():
     np.testing.assert_allclose(ours(w, x), default(w, x), rtol=1e-5)
 
 
-def test_cpu_inference_options_keep_matrix_products_out_of_ynnpack():
-    """Sampling programs run Winograd's batched products in Eigen (no YNNPACK fusion)."""
+def test_cpu_options_keep_matrix_products_out_of_ynnpack():
+    """Winograd's batched products (models.winograd) run in Eigen: no YNNPACK fusion."""
     product = jax.jit(lambda v, u: jnp.einsum("knc,kco->kno", v, u))
     v, u = jnp.ones((16, 64, 32)), jnp.ones((16, 32, 8))
-    training = compilation.compile_ahead(product, v, u)
-    if YNNPACK_FUSION not in training.as_text():
+    default = compilation.compile_ahead(product, v, u, options={})
+    if YNNPACK_FUSION not in default.as_text():
         pytest.skip("this jaxlib does not send matrix products to YNNPACK: nothing to route")
-    inference = compilation.compile_ahead(
-        product, v, u, options=compilation.compiler_options("cpu", inference=True)
-    )
-    assert YNNPACK_FUSION not in inference.as_text()
-    np.testing.assert_array_equal(inference(v, u), training(v, u))
+    ours = compilation.compile_ahead(product, v, u)
+    assert YNNPACK_FUSION not in ours.as_text()
+    np.testing.assert_array_equal(ours(v, u), default(v, u))
 
 
 def test_no_options_off_the_cpu():
     assert compilation.compiler_options("gpu") == {}
     assert compilation.compiler_options("tpu") == {}
-    assert compilation.compiler_options("gpu", inference=True) == {}
-    assert compilation.compiler_options("cpu", inference=True) == {
-        "xla_cpu_experimental_ynn_fusion_type": ""
-    }
+    assert compilation.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def test_an_option_this_jaxlib_lacks_compiles_with_the_defaults():

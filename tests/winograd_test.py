@@ -1,5 +1,5 @@
 """Winograd's F(2x2, 3x3) convolution (models.winograd) against its defining identity and
-XLA's direct convolution, and the U-Net's use of it for inference."""
+XLA's direct convolution, its gradient for training, and the U-Net's use of both."""
 
 from __future__ import annotations
 
@@ -72,22 +72,75 @@ def test_linear_in_the_input_forward_and_reverse():
     np.testing.assert_allclose(jax.vjp(fast, x)[1](w)[0], jax.vjp(direct, x)[1](w)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (1, 5, 7, 2), (3, 4, 3, 1)])
+def test_training_gradient_equals_the_direct_one_exactly_in_exact_arithmetic(shape):
+    """`conv3x3_for_training`'s custom VJP: the input gradient (Winograd with the kernel
+    turned by 180 degrees, channels swapped) and the kernel gradient are those of the
+    direct convolution, bit for bit on small integers; odd sizes check the turned padding."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-2, 3, (3, 3, shape[-1], 5)), jnp.float32)
+    cotangent = jnp.asarray(rng.integers(-2, 3, (*shape[:3], 5)), jnp.float32)
+    y, vjp = jax.vjp(winograd.conv3x3_for_training, x, kernel)
+    y_direct, vjp_direct = jax.vjp(_direct, x, kernel)
+    np.testing.assert_array_equal(y, y_direct)
+    for grad, grad_direct in zip(vjp(cotangent), vjp_direct(cotangent), strict=True):
+        np.testing.assert_array_equal(grad, grad_direct)
+
+
+def test_training_gradient_float32_error_is_that_of_rounding():
+    keys = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = jax.random.normal(keys[0], (2, 32, 32, 32))
+    kernel = jax.random.normal(keys[1], (3, 3, 32, 16)) / 17.0
+    weights = jax.random.normal(keys[2], (2, 32, 32, 16))
+    loss = lambda conv: lambda a, k: jnp.sum(jnp.tanh(conv(a, k)) * weights)
+    grads = jax.jit(jax.grad(loss(winograd.conv3x3_for_training), argnums=(0, 1)))(x, kernel)
+    expected = jax.jit(jax.grad(loss(_direct), argnums=(0, 1)))(x, kernel)
+    for grad, grad_direct in zip(grads, expected, strict=True):
+        assert np.max(np.abs(grad - grad_direct)) < 4e-6 * np.max(np.abs(grad_direct))
+
+
+def test_kernel_transform_is_g_g_g_transposed():
+    """`transform_kernel` as one matrix product equals Lavin & Gray's U = G g G^T."""
+    kernel = np.random.default_rng(7).standard_normal((3, 3, 2, 3))
+    u = np.asarray(winograd.transform_kernel(jnp.asarray(kernel, jnp.float32)))
+    expected = np.einsum("ai,ijco,bj->abco", winograd.F2_3_G, kernel, winograd.F2_3_G)
+    np.testing.assert_allclose(u, expected.reshape(16, 2, 3), rtol=1e-6, atol=1e-6)
+
+
 def test_applies_only_where_it_pays():
-    size = winograd.MIN_SIZE
-    assert winograd.applies((3, 3), (1, 1), 1, jnp.float32, size, size)
-    assert not winograd.applies((3, 3), (2, 2), 1, jnp.float32, size, size)  # strided
-    assert not winograd.applies((1, 1), (1, 1), 0, jnp.float32, size, size)  # 1x1
-    assert not winograd.applies((3, 3), (1, 1), 1, jnp.bfloat16, size, size)  # bfloat16
-    assert not winograd.applies((3, 3), (1, 1), 1, jnp.float32, size // 2, size)  # small
+    fits = (3, 3), (1, 1), 1  # kernel, strides, padding
+    tiles = winograd.MIN_TILES  # at batch 1, a square image of 2 * sqrt(tiles) pixels
+    side = 2 * int(np.sqrt(tiles))
+    assert winograd.num_tiles(1, side, side) == tiles
+    assert winograd.num_tiles(3, 5, 7) == 3 * 3 * 4  # partial tiles count
+    assert winograd.applies(*fits, jnp.float32, 1, side, side)
+    assert winograd.applies(*fits, jnp.float32, 4, side // 2, side // 2)  # same tiles
+    assert not winograd.applies(*fits, jnp.float32, 1, side // 2, side)  # too few tiles
+    assert not winograd.applies((3, 3), (2, 2), 1, jnp.float32, 1, side, side)  # strided
+    assert not winograd.applies((1, 1), (1, 1), 0, jnp.float32, 1, side, side)  # 1x1
+    assert not winograd.applies(*fits, jnp.bfloat16, 1, side, side)  # bfloat16
 
 
-def test_conv_module_same_parameters_same_output():
-    x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 8))
-    direct, fast = Conv(12, (3, 3), padding=1), Conv(12, (3, 3), padding=1, winograd=True)
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_conv_module_same_parameters_same_output_and_gradient(mode):
+    x = jax.random.normal(jax.random.PRNGKey(4), (4, 16, 16, 8))  # 256 tiles: it applies
+    direct, fast = Conv(12, (3, 3), padding=1), Conv(12, (3, 3), padding=1, winograd=mode)
     params = direct.init(jax.random.PRNGKey(5), x)
     assert jax.tree.structure(params) == jax.tree.structure(fast.init(jax.random.PRNGKey(5), x))
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
     np.testing.assert_allclose(fast.apply(params, x), direct.apply(params, x), atol=2e-5)
+    assert not np.array_equal(fast.apply(params, x), direct.apply(params, x))  # it is used
+    loss = lambda module: lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+    grads, expected = jax.grad(loss(fast))(params), jax.grad(loss(direct))(params)
+    for grad, grad_direct in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(grad, grad_direct, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_module_names_a_bad_mode():
+    x = jnp.ones((1, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"winograd=True; allowed: \('none', 'inference'"):
+        Conv(3, (3, 3), padding=1, winograd=True).init(jax.random.PRNGKey(0), x)
 
 
 def _unet_16(algorithm: str):
@@ -98,20 +151,36 @@ def _unet_16(algorithm: str):
     return config
 
 
-def test_unet_inference_matches_direct_and_training_is_unchanged():
+def test_unet_matches_direct_in_inference_and_training():
+    """Outputs of both passes, and the training loss's gradient, as with direct convolutions;
+    the inference pass differentiates in forward mode (the ODE likelihood's jvp)."""
     direct_config, fast_config = _unet_16("direct"), _unet_16("winograd")
     direct_model, fast_model = build_model(direct_config), build_model(fast_config)
     params = init_params(direct_model, direct_config, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda p: p + 0.02, params)  # the zero-initialised convs too
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-    t = jnp.array([10.0, 900.0])
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))  # 256 tiles at 16x16
+    t = jnp.array([10.0, 900.0, 300.0, 600.0])
     apply = lambda model, train: jax.jit(model.apply, static_argnames="train")(
         {"params": params}, x, t, train=train, rngs={"dropout": jax.random.PRNGKey(2)}
     )
-    direct_out = apply(direct_model, False)
-    np.testing.assert_allclose(apply(fast_model, False), direct_out, atol=1e-4)
-    assert not np.allclose(apply(fast_model, False), direct_out, atol=0, rtol=0)  # it is used
-    np.testing.assert_array_equal(apply(fast_model, True), apply(direct_model, True))
+    for train in (False, True):
+        direct_out, fast_out = apply(direct_model, train), apply(fast_model, train)
+        np.testing.assert_allclose(fast_out, direct_out, atol=1e-4)
+        assert not np.array_equal(fast_out, direct_out)  # it is used
+    loss = lambda model: (
+        lambda p: jnp.mean(
+            model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+            ** 2
+        )
+    )
+    grads = jax.jit(jax.grad(loss(fast_model)))(params)
+    expected = jax.jit(jax.grad(loss(direct_model)))(params)
+    for grad, grad_direct in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(grad, grad_direct, rtol=1e-3, atol=1e-5)
+    fast = lambda a: fast_model.apply({"params": params}, a, t)
+    direct = lambda a: direct_model.apply({"params": params}, a, t)
+    tangent, tangent_direct = jax.jvp(fast, (x,), (x,))[1], jax.jvp(direct, (x,), (x,))[1]
+    np.testing.assert_allclose(tangent, tangent_direct, atol=1e-4)
 
 
 def test_conv_algorithm_auto_and_bad_values():

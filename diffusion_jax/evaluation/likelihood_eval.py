@@ -122,9 +122,7 @@ def evaluate_likelihood(name: str, config: ml_collections.ConfigDict, model, par
         bits_per_dim_fn = make_vlb_bits_per_dim_fn(config, model)
     else:
         bits_per_dim_fn = make_ode_bits_per_dim_fn(config, model)
-    jitted = compilation.CompiledTogether(
-        jax.jit(bits_per_dim_fn), f"{name}_bits_per_dim", inference=True
-    )
+    jitted = compilation.CompiledTogether(jax.jit(bits_per_dim_fn), f"{name}_bits_per_dim")
     batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), LIKELIHOODS.index(name))
     values, nfes = [], []

@@ -157,9 +157,7 @@ def make_sharded_generate(config, model, mesh, setting: dict):
     variant = with_sampler(config, setting)
     generate = sampling_run.make_generate_fn(variant, model, count=config.eval.batch_size)
     sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
-    return compilation.CompiledTogether(
-        jax.jit(generate, out_shardings=sharding), "eval_generate", inference=True
-    )
+    return compilation.CompiledTogether(jax.jit(generate, out_shardings=sharding), "eval_generate")
 
 
 def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalImages:

@@ -17,15 +17,18 @@ from diffusion_jax.models.layers import Dtype, default_init
 from diffusion_jax.models.reductions import add_bias
 
 Initializer = Any
+WINOGRAD_MODES = ("none", "inference", "training")
 
 
 class Conv(nn.Module):
     """2-D convolution of ``[B, H, W, C_in]`` with a ``[k, k, C_in, features]`` kernel,
     symmetric zero padding of ``padding`` on each side, plus a bias.
 
-    ``winograd=True`` computes the 3x3, stride-1 convolutions where it pays
-    (`winograd.applies`) by Winograd's F(2x2, 3x3), same parameters, same result up to
-    float32 rounding; for inference on CPUs (its gradient is slower than XLA's).
+    ``winograd`` computes the 3x3, stride-1 convolutions where it pays (`winograd.applies`)
+    by Winograd's F(2x2, 3x3), same parameters, same result up to float32 rounding (CPUs):
+    "inference" by `winograd.conv3x3` (differentiable in forward and reverse mode),
+    "training" by `winograd.conv3x3_for_training` (a faster gradient, reverse mode only);
+    "none" always by XLA's convolution.
     """
 
     features: int
@@ -34,7 +37,7 @@ class Conv(nn.Module):
     padding: int = 0
     dtype: Dtype | None = None
     kernel_init: Initializer = default_init
-    winograd: bool = False
+    winograd: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -42,12 +45,17 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         dtype = self.dtype or jnp.result_type(x, kernel)
-        size = x.shape[1:3]
-        if self.winograd and winograd.applies(
-            self.kernel_size, self.strides, self.padding, dtype, *size
+        if self.winograd not in WINOGRAD_MODES:
+            raise ValueError(f"Conv winograd={self.winograd!r}; allowed: {WINOGRAD_MODES}")
+        if self.winograd != "none" and winograd.applies(
+            self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3]
         ):
-            transformed = winograd.transform_kernel(kernel.astype(dtype))
-            return add_bias(winograd.conv3x3(x.astype(dtype), transformed), bias.astype(dtype))
+            x, kernel = x.astype(dtype), kernel.astype(dtype)
+            if self.winograd == "training":
+                y = winograd.conv3x3_for_training(x, kernel)
+            else:
+                y = winograd.conv3x3(x, winograd.transform_kernel(kernel))
+            return add_bias(y, bias.astype(dtype))
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
             kernel.astype(dtype),

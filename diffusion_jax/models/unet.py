@@ -39,7 +39,7 @@ def _conv(
     *,
     strides: int = 1,
     zero: bool = False,
-    winograd: bool = False,
+    winograd: str = "none",
     name: str | None = None,
 ) -> Conv:
     return Conv(
@@ -61,7 +61,7 @@ class ResBlock(nn.Module):
     as ``GroupNorm(h) * (1 + scale) + shift`` (FiLM, Perez et al. 2018). ``resample`` "up" or
     "down" makes it a BigGAN-style resampling block (Brock et al. 2019; Dhariwal & Nichol 2021).
     The last convolution is zero-initialised, so the block starts as the identity map.
-    ``winograd`` makes its 3x3 convolutions use Winograd's algorithm (`linear.Conv`).
+    ``winograd`` makes its 3x3 convolutions use Winograd's algorithm (`linear.Conv`'s modes).
     """
 
     out_channels: int
@@ -71,7 +71,7 @@ class ResBlock(nn.Module):
     deterministic: bool
     resample: str = "none"
     dtype: Dtype = jnp.float32
-    winograd: bool = False
+    winograd: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
@@ -133,8 +133,9 @@ class UNet(nn.Module):
     ``out_channels`` is the final count (already doubled for learned variance). With
     ``num_classes > 0`` the label embedding table has ``num_classes + 1`` rows, the last one
     the "null" class used for classifier-free guidance (Ho & Salimans 2022).
-    ``conv_algorithm="winograd"`` computes the 3x3 convolutions of inference (``train=False``)
-    by Winograd's F(2x2, 3x3) (`winograd`), faster on CPUs; training always convolves directly.
+    ``conv_algorithm="winograd"`` computes the 3x3 convolutions by Winograd's F(2x2, 3x3)
+    (`winograd`), faster on CPUs: with ``train=True`` in the form with a fast gradient
+    (reverse mode only), with ``train=False`` in the form that forward mode differentiates too.
     """
 
     ch: int
@@ -156,8 +157,11 @@ class UNet(nn.Module):
     remat: bool = False
     conv_algorithm: str = "direct"
 
-    def _winograd(self, train: bool) -> bool:
-        return self.conv_algorithm == "winograd" and not train
+    def _winograd(self, train: bool) -> str:
+        """`linear.Conv`'s Winograd mode for a training or an inference pass."""
+        if self.conv_algorithm != "winograd":
+            return "none"
+        return "training" if train else "inference"
 
     def _conv3x3(self, features: int, train: bool, name: str, **kwargs) -> Conv:
         return _conv(features, 3, self.dtype, winograd=self._winograd(train), name=name, **kwargs)

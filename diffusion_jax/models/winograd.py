@@ -11,14 +11,22 @@ fewer). Summed over the input channels, the ⊙ becomes one matrix product per t
 position (16 of them, as Lavin & Gray arrange it): ``M_k = V_k U_k`` with ``V_k [tiles,
 C_in]`` the transformed input and ``U_k [C_in, C_out]`` the transformed kernel.
 
-Used for inference on CPUs, where XLA's direct convolution runs at the speed of its matrix
-products, so fewer multiplications mean less time (docs/benchmarks.md: the 3x3 convolutions
-of the DDPM CIFAR-10 U-Net at batch 4 in 259 ms instead of 346 ms). The kernel transform
-``G g G^T`` is elementwise work on the parameters, which XLA hoists out of a sampler's
-loop (loop-invariant code motion: computed once per sampling run, not per step). Float32
-only: the transforms add and subtract up to 9 terms, which costs bfloat16 more precision
-than float32 (whose error stays within 4e-6 of the output's magnitude, as the direct
-convolution's own rounding).
+Used on CPUs, where XLA's direct convolution runs at the speed of its matrix products, so
+fewer multiplications mean less time (docs/benchmarks.md: the 3x3 convolutions of the DDPM
+CIFAR-10 U-Net at batch 4 in 259 ms instead of 346 ms). Two forms:
+
+- `conv3x3` (inference): differentiable by JAX in both modes (the ODE likelihood's jvp).
+  The kernel transform ``G g G^T`` is a small product on the parameters, which XLA hoists
+  out of a sampler's loop (computed once per sampling run, not per step).
+- `conv3x3_for_training`: a custom VJP. A convolution's input gradient is itself a 3x3
+  "same" convolution (of the output gradient with the kernel turned by 180 degrees, input
+  and output channels swapped), so it runs by Winograd too; the kernel gradient is XLA's
+  own. Two of a training step's three convolutions per layer by Winograd (JAX's transpose
+  of `conv3x3` is slower than the direct convolution's gradient).
+
+Float32 only: the transforms add and subtract up to 9 terms, which costs bfloat16 more
+precision than float32 (whose error stays within 4e-6 of the output's magnitude, as the
+direct convolution's own rounding).
 """
 
 from __future__ import annotations
@@ -33,25 +41,33 @@ import numpy as np
 F2_3_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 F2_3_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
 F2_3_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+# G g G^T for the 9 taps g of a kernel flattened row-major: (G ⊗ G) vec(g), [16, 9].
+KERNEL_TRANSFORM = np.kron(F2_3_G, F2_3_G)
 TILE = 4  # input tile of F(2x2, 3x3): 2 outputs + 3 taps - 1
 OUT = 2  # outputs per tile and axis
-# Smallest H and W where it pays in the whole U-Net forward pass (2-core AVX2 CPU): with
-# Winograd at 8x8 too, its convolutions took 263 against 259 ms at batch 4 and the forward
-# pass 1324 against 1351 ms at batch 16 (within the noise), at 4x4 too 1371 ms. Alone, an
-# 8x8x256 convolution is faster by Winograd (1.9 against 2.7 ms at batch 4): the whole
-# pass, not the layer, decides (docs/benchmarks.md).
-MIN_SIZE = 16
+# Fewest 2x2 output tiles (`num_tiles`) where Winograd pays: with fewer, its 16 matrix
+# products have too few rows. The DDPM CIFAR-10 U-Net forward pass on a 2-core AVX2 CPU
+# (docs/benchmarks.md), Winograd at one more resolution against without it: 64 tiles lose
+# (batch 1 at 16x16: 108.7 against 106.9 ms; batch 4 at 8x8: 263 against 259 ms of
+# convolutions), 256 tiles win (batch 16 at 8x8: 1258 against 1307 ms; batch 64 at 4x4:
+# 4679 against 4914 ms).
+MIN_TILES = 256
 
 
-def applies(kernel_size, strides, padding: int, dtype, height: int, width: int) -> bool:
-    """Whether `conv3x3` computes this convolution faster than XLA's direct one: a 3x3
-    kernel, stride 1, "same" padding, float32, at least `MIN_SIZE` pixels a side."""
+def num_tiles(batch: int, height: int, width: int) -> int:
+    """The 2x2 output tiles of a ``[batch, height, width, C]`` convolution output."""
+    return batch * -(-height // OUT) * -(-width // OUT)
+
+
+def applies(kernel_size, strides, padding: int, dtype, batch: int, height: int, width: int):
+    """Whether Winograd computes this convolution faster than XLA's direct one: a 3x3
+    kernel, stride 1, "same" padding, float32, at least `MIN_TILES` output tiles."""
     return (
         tuple(kernel_size) == (3, 3)
         and tuple(strides) == (1, 1)
         and padding == 1
         and jnp.dtype(dtype) == jnp.float32
-        and min(height, width) >= MIN_SIZE
+        and num_tiles(batch, height, width) >= MIN_TILES
     )
 
 
@@ -79,11 +95,16 @@ def _two_sided(matrix: np.ndarray, grid: list[list[jax.Array]]) -> list[list[jax
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
     """``U = G g G^T`` of a ``[3, 3, C_in, C_out]`` kernel: ``[16, C_in, C_out]``, tile
-    positions in row-major order."""
+    positions in row-major order.
+
+    As one matrix product ``(G ⊗ G) [16, 9]`` by the 9 taps ``[9, C_in * C_out]``: XLA
+    compiles it as one kernel, where 16 sums of taps (as `_two_sided` would write it) are
+    16 fused loops; with those, Winograd's programs compiled 5x slower (8 chained
+    convolutions: 2.85 s against 0.58 s)."""
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"Winograd F(2x2, 3x3) needs a 3x3 kernel, got {kernel.shape}")
-    grid = [[kernel[i, j] for j in range(3)] for i in range(3)]
-    return jnp.stack([u for row in _two_sided(F2_3_G, grid) for u in row])
+    taps = kernel.reshape(9, *kernel.shape[2:])  # [(i, j), C_in, C_out]
+    return jnp.einsum("pt,tco->pco", KERNEL_TRANSFORM.astype(kernel.dtype), taps)
 
 
 def transform_input(x: jax.Array) -> jax.Array:
@@ -114,6 +135,39 @@ def conv3x3(x: jax.Array, transformed_kernel: jax.Array) -> jax.Array:
     m = jnp.einsum("knc,kco->kno", v, transformed_kernel)  # one product per tile position
     m = m.reshape(TILE, TILE, batch, tiles_h, tiles_w, -1)
     y = _two_sided(F2_3_AT, [[m[a, b] for b in range(TILE)] for a in range(TILE)])  # A^T M A
-    y = jnp.stack([jnp.stack(row) for row in y])  # [2 (row in block), 2 (col), B, th, tw, O]
-    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, OUT * tiles_h, OUT * tiles_w, -1)
-    return y[:, :height, :width]
+    # Interleaved by stacking at the inner axes ([B, th, 2 (row in block), tw, 2 (col), O]):
+    # the same loop as stacking first and transposing, compiled in 2/3 of the time.
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)
+    return y.reshape(batch, OUT * tiles_h, OUT * tiles_w, -1)[:, :height, :width]
+
+
+def _direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's 3x3, stride-1, "same" convolution (NHWC, HWIO)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@jax.custom_vjp
+def conv3x3_for_training(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x [B, H, W, C_in]`` correlated with ``kernel [3, 3, C_in, C_out]``, stride 1, "same"
+    padding, by Winograd, with a gradient that is fast too (module docstring): the input
+    gradient by Winograd, the kernel gradient by XLA's convolution. Reverse mode only."""
+    return conv3x3(x, transform_kernel(kernel))
+
+
+def _for_training_forward(x, kernel):
+    return conv3x3_for_training(x, kernel), (x, kernel)
+
+
+def _for_training_backward(residuals, grad_out):
+    """dL/dx[p] = sum_{i,j,o} grad_out[p - (i, j) + 1, o] kernel[i, j, :, o]: the "same"
+    correlation of ``grad_out`` with the kernel turned by 180 degrees, [3, 3, C_out, C_in]."""
+    x, kernel = residuals
+    turned = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    grad_x = conv3x3(grad_out, transform_kernel(turned))
+    _, kernel_vjp = jax.vjp(lambda k: _direct(x, k), kernel)
+    return grad_x, kernel_vjp(grad_out)[0]
+
+
+conv3x3_for_training.defvjp(_for_training_forward, _for_training_backward)
