@@ -409,7 +409,7 @@ def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> d
         raise ValueError(f"--samplers={unknown}; allowed: {SAMPLERS}")
     config = _model_config(config, options.dtype)
     results = {"environment": environment(options)}
-    if config.model.name == "unet":  # sampling's 3x3 convolutions: "winograd" or "direct"
+    if config.model.name == "unet":  # the 3x3 convolutions: "winograd" or "direct"
         results["environment"]["conv_algorithm"] = models.conv_algorithm(config.model)
     runner = make_train_runner(config, options)
     unet = None
