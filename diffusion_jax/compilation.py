@@ -25,10 +25,10 @@ from absl import logging
 from orbax.checkpoint import multihost as orbax_multihost
 
 # No YNNPACK fusions: XLA:CPU (jaxlib 0.10) runs convolutions and matrix products in Eigen.
-# Eigen's weight-gradient convolution is about 3x faster; its batched products run
-# Winograd's convolutions faster (the CIFAR-10 U-Net forward at batch 4 in 334 ms instead of
-# 364 ms with YNNPACK for products, the train step at batch 16 in 5.43 s instead of 5.81 s
-# (docs/benchmarks.md); with direct convolutions the train step is the same, 5.81 / 5.90 s).
+# Eigen's weight-gradient convolution is about 3x faster, and its batched products run
+# Winograd's convolutions faster than YNNPACK's (CIFAR-10 U-Net forward at batch 4: 334
+# against 364 ms; train step at batch 16: 5.12-5.20 against 5.32-5.33 s; docs/benchmarks.md).
+# With direct convolutions the train step is the same either way (5.81 against 5.90 s).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # How long a process waits at a barrier for the others to finish compiling a program.
 COMPILE_BARRIER_TIMEOUT_S = 3600
