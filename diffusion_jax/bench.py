@@ -184,12 +184,11 @@ def _train_step_parts(config: ml_collections.ConfigDict, options: BenchOptions):
 
 
 def model_flops_per_step(config, options: BenchOptions, strategy, state, batch, rng) -> float:
-    """FLOPs of one train step as the network defines them: XLA's count of the step with
-    direct convolutions (lowered, not compiled). Winograd's convolutions (`models.winograd`)
+    """FLOPs of one train step of a U-Net as the network defines them: XLA's count of the step
+    with direct convolutions (lowered, not compiled). Winograd's convolutions (`models.winograd`)
     need fewer multiplications for the same work, which is speed, not fewer model FLOPs."""
     direct = ml_collections.ConfigDict(config.to_dict())
-    if direct.model.name == "unet":
-        direct.model.conv_algorithm = "direct"
+    direct.model.conv_algorithm = "direct"
     train_step = _train_step_parts(direct, options)[2]
     jitted = strategy.compile_train_step(train_step, jax.eval_shape(lambda: state))
     return cost_flops(jitted.lower(state, batch, rng))
@@ -216,10 +215,16 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
         holder["state"], metrics = compiled(holder["state"], batch, rng)
         return jax.block_until_ready((holder["state"], metrics))
 
+    compiled_flops = cost_flops(compiled)
+    winograd = config.model.name == "unet" and models.conv_algorithm(config.model) == "winograd"
     info = {
         "compile": compile_time,
-        "flops_per_step": model_flops_per_step(config, options, strategy, state, batch, rng),
-        "compiled_flops_per_step": cost_flops(compiled),
+        "flops_per_step": (
+            model_flops_per_step(config, options, strategy, state, batch, rng)
+            if winograd
+            else compiled_flops
+        ),
+        "compiled_flops_per_step": compiled_flops,
         "params": models.count_params(state.params),
         "devices": strategy.num_devices,
     }
