@@ -26,6 +26,7 @@ from absl import logging
 
 from diffusion_jax import (
     checkpointing,
+    clipping,
     compilation,
     config_validation,
     data,
@@ -117,7 +118,7 @@ def make_optimizer(
     else:
         raise ValueError(f"optim.optimizer={optim.optimizer!r}; allowed: ['adam', 'adamw']")
     if optim.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), update), schedule
+        return optax.chain(clipping.clip_by_global_norm(optim.grad_clip_norm), update), schedule
     return update, schedule
 
 
@@ -157,7 +158,8 @@ def make_train_step(
     """The pure `train_step(state, batch, rng) -> (state, metrics)`.
 
     One Adam step on the loss, the EMAs and the loss history updated; nothing but the step
-    counter and `num_skipped` changes when the loss or gradient norm is not finite. Under
+    counter and `num_skipped` changes when the loss or gradient norm is not finite. `tx` gets
+    that gradient norm as the extra argument `global_norm` (`clipping` clips by it). Under
     `jax.pmap` pass `axis_name`: gradients are averaged over it and each device draws its own
     noise; under `jax.jit` on a mesh the batch is one global array and XLA does the rest.
     `skip_with` is how a non-finite update is skipped (`SKIP_FORMS`): "cond" (a branch) or
@@ -180,7 +182,10 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(state: TrainState) -> TrainState:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            # The norm computed once, for clipping too (`clipping`).
+            updates, opt_state = optax.with_extra_args_support(tx).update(
+                grads, state.opt_state, state.params, global_norm=grad_norm
+            )
             params = optax.apply_updates(state.params, updates)
             ema_params = tuple(
                 train_state_lib.update_ema(
