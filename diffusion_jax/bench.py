@@ -502,7 +502,8 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
     "retain_freed_memory",
     True,
-    "Keep freed host memory in the process (host_memory); --noretain_freed_memory: glibc default.",
+    "Keep freed host memory in the process, CPU programs in the calling thread (host_memory);"
+    " --noretain_freed_memory: glibc's and JAX's defaults.",
 )
 flags.DEFINE_bool("tiny", False, "Benchmark the tiny U-Net of configs/models.py instead.")
 flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
