@@ -32,7 +32,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
-    host_memory.retain_freed_memory()  # before JAX's threads start: no page faults per step
+    host_memory.retain_freed_memory()  # before JAX creates its CPU client: no page faults per step
     parallel.initialize_distributed(config.parallel)
     logging.info("Config:\n%s", config)
     if FLAGS.mode == "train":
