@@ -41,7 +41,7 @@ for _ in range(10):
 """
 
 
-def _page_faults(mode: str, program: str = _PROGRAM) -> int:
+def _page_faults(mode: str, program: str = _PROGRAM) -> list[int]:
     out = subprocess.run(
         [sys.executable, "-c", program, mode], capture_output=True, text=True, check=True
     )
