@@ -12,12 +12,15 @@ zero-initialised 3x3 output convolution. The network knows nothing of diffusion:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.dropout import dropout
 from diffusion_jax.models.group_norm import GroupNorm
 from diffusion_jax.models.layers import (
     Dtype,
@@ -62,19 +65,23 @@ class ResBlock(nn.Module):
     "down" makes it a BigGAN-style resampling block (Brock et al. 2019; Dhariwal & Nichol 2021).
     The last convolution is zero-initialised, so the block starts as the identity map.
     ``winograd`` makes its 3x3 convolutions use Winograd's algorithm (`linear.Conv`'s modes).
+    Given a ``dropout_key`` (training), dropout is applied before the last convolution, with
+    the counters of stream ``dropout_stream`` (`dropout.random_bits`).
     """
 
     out_channels: int
     dropout: float
     use_scale_shift_norm: bool
     norm_groups: int
-    deterministic: bool
+    dropout_stream: int = 0
     resample: str = "none"
     dtype: Dtype = jnp.float32
     winograd: str = "none"
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, emb: jax.Array, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
         norm = lambda name: GroupNorm(self.norm_groups, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm_0")(x))  # [B, H, W, C_in]
         if self.resample == "up":
@@ -94,7 +101,8 @@ class ResBlock(nn.Module):
             h = nn.silu(norm("norm_1")(h) * (1.0 + scale) + shift)
         else:
             h = nn.silu(norm("norm_1")(h + emb_out))
-        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        if dropout_key is not None:
+            h = dropout(h, self.dropout, dropout_key, self.dropout_stream)
         h = conv3x3(True, "conv_1")(h)
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, self.dtype, name="skip")(x)  # Ho et al.'s NIN
@@ -127,6 +135,16 @@ class AttentionBlock(nn.Module):
         return x + out
 
 
+class _ForwardPass(NamedTuple):
+    """What every block of one U-Net pass shares: whether it trains, the conditioning
+    embedding, and the one dropout key (None: no dropout) with each block's own stream."""
+
+    train: bool
+    emb: jax.Array
+    dropout_key: jax.Array | None
+    dropout_streams: Iterator[int]
+
+
 class UNet(nn.Module):
     """U-Net denoiser: ``(x [B, H, W, C_in], t [B], label [B] | None) -> [B, H, W, out]``.
 
@@ -136,6 +154,8 @@ class UNet(nn.Module):
     ``conv_algorithm="winograd"`` computes the 3x3 convolutions by Winograd's F(2x2, 3x3)
     (`winograd`), faster on CPUs: with ``train=True`` in the form with a fast gradient
     (reverse mode only), with ``train=False`` in the form that forward mode differentiates too.
+    In training, the ResBlocks' dropout takes one key (the "dropout" RNG) for the whole network
+    and a stream of counters per block (`dropout`).
     """
 
     ch: int
@@ -166,31 +186,32 @@ class UNet(nn.Module):
     def _conv3x3(self, features: int, train: bool, name: str, **kwargs) -> Conv:
         return _conv(features, 3, self.dtype, winograd=self._winograd(train), name=name, **kwargs)
 
-    def _res_block(self, out_channels: int, train: bool, resample: str, name: str) -> nn.Module:
+    def _res_block(self, h, run: _ForwardPass, out_channels: int, resample: str, name: str):
+        """``h`` through a new ResBlock ``name``, which takes the pass's next dropout stream."""
         block = nn.remat(ResBlock) if self.remat else ResBlock
         return block(
             out_channels,
             self.dropout,
             self.use_scale_shift_norm,
             self.norm_groups,
-            not train,
+            dropout_stream=next(run.dropout_streams),
             resample=resample,
             dtype=self.dtype,
-            winograd=self._winograd(train),
+            winograd=self._winograd(run.train),
             name=name,
-        )
+        )(h, run.emb, run.dropout_key)
 
     def _attn_block(self, name: str) -> nn.Module:
         block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         return block(self.num_heads, self.head_channels, self.norm_groups, self.dtype, name=name)
 
-    def _resample(self, h: jax.Array, emb: jax.Array, train: bool, direction: str, name: str):
+    def _resample(self, h: jax.Array, run: _ForwardPass, direction: str, name: str):
         """2x down/upsampling: a BigGAN residual block, a convolution, or pooling/nearest."""
         if self.resblock_updown:
-            return self._res_block(h.shape[-1], train, direction, name)(h, emb)
+            return self._res_block(h, run, h.shape[-1], direction, name)
         if direction == "up":
             h = upsample_nearest(h)
-            return self._conv3x3(h.shape[-1], train, name)(h) if self.conv_resample else h
+            return self._conv3x3(h.shape[-1], run.train, name)(h) if self.conv_resample else h
         if self.conv_resample:
             return _conv(h.shape[-1], 3, self.dtype, strides=2, name=name)(h)
         return downsample_avg(h)
@@ -210,32 +231,32 @@ class UNet(nn.Module):
             )(label)
         return emb
 
-    def _encode(self, h, emb, train: bool) -> tuple[jax.Array, list[jax.Array]]:
+    def _encode(self, h, run: _ForwardPass) -> tuple[jax.Array, list[jax.Array]]:
         skips = [h]
         resolution = h.shape[1]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = self._res_block(self.ch * mult, train, "none", f"down_{level}_res_{i}")(h, emb)
+                h = self._res_block(h, run, self.ch * mult, "none", f"down_{level}_res_{i}")
                 if resolution in self.attn_resolutions:
                     h = self._attn_block(f"down_{level}_attn_{i}")(h)
                 skips.append(h)
             if level != len(self.ch_mult) - 1:
-                h = self._resample(h, emb, train, "down", f"down_{level}_downsample")
+                h = self._resample(h, run, "down", f"down_{level}_downsample")
                 resolution //= 2
                 skips.append(h)
         return h, skips
 
-    def _decode(self, h, skips, emb, train: bool) -> jax.Array:
+    def _decode(self, h, skips, run: _ForwardPass) -> jax.Array:
         resolution = h.shape[1]
         for level in reversed(range(len(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 out_channels = self.ch * self.ch_mult[level]
-                h = self._res_block(out_channels, train, "none", f"up_{level}_res_{i}")(h, emb)
+                h = self._res_block(h, run, out_channels, "none", f"up_{level}_res_{i}")
                 if resolution in self.attn_resolutions:
                     h = self._attn_block(f"up_{level}_attn_{i}")(h)
             if level != 0:
-                h = self._resample(h, emb, train, "up", f"up_{level}_upsample")
+                h = self._resample(h, run, "up", f"up_{level}_upsample")
                 resolution *= 2
         return h
 
@@ -246,11 +267,13 @@ class UNet(nn.Module):
         check_label(label, self.num_classes)
         emb = self._embed(t, label)  # [B, 4 ch]
         h = self._conv3x3(self.ch, train, "conv_in")(x.astype(self.dtype))  # [B, H, W, ch]
-        h, skips = self._encode(h, emb, train)
-        h = self._res_block(h.shape[-1], train, "none", "mid_res_0")(h, emb)
+        dropout_key = self.make_rng("dropout") if train and self.dropout > 0 else None
+        run = _ForwardPass(train, emb, dropout_key, itertools.count())
+        h, skips = self._encode(h, run)
+        h = self._res_block(h, run, h.shape[-1], "none", "mid_res_0")
         h = self._attn_block("mid_attn")(h)
-        h = self._res_block(h.shape[-1], train, "none", "mid_res_1")(h, emb)
-        h = self._decode(h, skips, emb, train)
+        h = self._res_block(h, run, h.shape[-1], "none", "mid_res_1")
+        h = self._decode(h, skips, run)
         h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
         out = self._conv3x3(self.out_channels, train, "conv_out", zero=True)(h)
         return out.astype(jnp.float32)  # [B, H, W, out_channels]
