@@ -24,7 +24,7 @@ from jax.extend.random import threefry2x32_p
 _COUNTER_LIMIT = 2**32
 
 
-def key_data(key: jax.Array) -> jax.Array:
+def threefry_key(key: jax.Array) -> jax.Array:
     """The uint32[2] Threefry key of ``key``, a typed JAX key or a raw ``PRNGKey``."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
@@ -48,7 +48,7 @@ def random_bits(key: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Arra
     grid = (batch, pairs)
     x0 = lax.broadcasted_iota(jnp.uint32, grid, 0) + np.uint32(stream * batch)
     x1 = lax.broadcasted_iota(jnp.uint32, grid, 1)
-    k0, k1 = key_data(key)
+    k0, k1 = threefry_key(key)
     y0, y1 = threefry2x32_p.bind(k0, k1, x0, x1)
     return jnp.concatenate([y0, y1], axis=1)[:, :per_example].reshape(shape)
 
