@@ -24,8 +24,9 @@ class Conv(nn.Module):
     """2-D convolution of ``[B, H, W, C_in]`` with a ``[k, k, C_in, features]`` kernel,
     symmetric zero padding of ``padding`` on each side, plus a bias.
 
-    ``winograd`` computes the 3x3, stride-1 convolutions where it pays (`winograd.applies`)
-    by Winograd's F(2x2, 3x3), same parameters, same result up to float32 rounding (CPUs):
+    ``winograd`` computes the 3x3, stride-1 convolutions where it pays by Winograd's
+    F(m x m, 3x3) (m from `winograd.output_tile`), same parameters, same result up to float32
+    rounding (CPUs):
     "inference" by `winograd.conv3x3` (differentiable in forward and reverse mode),
     "training" by `winograd.conv3x3_for_training` (a faster gradient, reverse mode only);
     "none" always by XLA's convolution.
@@ -47,14 +48,16 @@ class Conv(nn.Module):
         dtype = self.dtype or jnp.result_type(x, kernel)
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"Conv winograd={self.winograd!r}; allowed: {WINOGRAD_MODES}")
-        if self.winograd != "none" and winograd.applies(
-            self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3]
-        ):
+        training = self.winograd == "training"
+        tile = winograd.output_tile(
+            self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3], training=training
+        )
+        if self.winograd != "none" and tile:
             x, kernel = x.astype(dtype), kernel.astype(dtype)
-            if self.winograd == "training":
-                y = winograd.conv3x3_for_training(x, kernel)
+            if training:
+                y = winograd.conv3x3_for_training(x, kernel, tile)
             else:
-                y = winograd.conv3x3(x, winograd.transform_kernel(kernel))
+                y = winograd.conv3x3(x, winograd.transform_kernel(kernel, tile))
             return add_bias(y, bias.astype(dtype))
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
