@@ -115,8 +115,9 @@ def _check_unet_channels(config: ml_collections.ConfigDict, resolutions: list[in
 
 
 def conv_algorithm(config: ml_collections.ConfigDict) -> str:
-    """The U-Net's ``model.conv_algorithm`` with "auto" resolved: Winograd's F(2x2, 3x3) in
-    float32 on CPUs (sampling 1.3x, training 1.08x faster there, docs/benchmarks.md), XLA's
+    """The U-Net's ``model.conv_algorithm`` with "auto" resolved: Winograd's F(2x2, 3x3) and
+    F(4x4, 3x3) in float32 on CPUs (a train step at batch 16 in 0.90-0.92x the time; sampling
+    1.3x faster with F(2x2, 3x3), 1.2x more with F(4x4, 3x3); docs/benchmarks.md), XLA's
     direct convolution elsewhere (cuDNN and the TPU compiler choose their own algorithms)."""
     if config.conv_algorithm not in CONV_ALGORITHMS:
         raise ValueError(

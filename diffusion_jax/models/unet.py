@@ -151,9 +151,10 @@ class UNet(nn.Module):
     ``out_channels`` is the final count (already doubled for learned variance). With
     ``num_classes > 0`` the label embedding table has ``num_classes + 1`` rows, the last one
     the "null" class used for classifier-free guidance (Ho & Salimans 2022).
-    ``conv_algorithm="winograd"`` computes the 3x3 convolutions by Winograd's F(2x2, 3x3)
-    (`winograd`), faster on CPUs: with ``train=True`` in the form with a fast gradient
-    (reverse mode only), with ``train=False`` in the form that forward mode differentiates too.
+    ``conv_algorithm="winograd"`` computes the 3x3 convolutions by Winograd's F(m x m, 3x3)
+    (`winograd`; m = 4 or 2 by `winograd.output_tile`), faster on CPUs: with ``train=True``
+    in the form with a fast gradient (reverse mode only), with ``train=False`` in the form
+    that forward mode differentiates too.
     In training, the ResBlocks' dropout takes one key (the "dropout" RNG) for the whole network
     and a stream of counters per block (`dropout`).
     """
