@@ -49,10 +49,10 @@ class Conv(nn.Module):
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"Conv winograd={self.winograd!r}; allowed: {WINOGRAD_MODES}")
         training = self.winograd == "training"
-        tile = winograd.output_tile(
+        tile = self.winograd != "none" and winograd.output_tile(
             self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3], training=training
         )
-        if self.winograd != "none" and tile:
+        if tile:
             x, kernel = x.astype(dtype), kernel.astype(dtype)
             if training:
                 y = winograd.conv3x3_for_training(x, kernel, tile)

@@ -98,6 +98,12 @@ ALGORITHMS = {2: Matrices(F2_3_BT, F2_3_G, F2_3_AT), 4: Matrices(F4_3_BT, F4_3_G
 MIN_TILES = 256
 
 
+def _matrices(output_tile: int) -> Matrices:
+    if output_tile not in ALGORITHMS:
+        raise ValueError(f"Winograd output_tile={output_tile}; allowed: {tuple(ALGORITHMS)}")
+    return ALGORITHMS[output_tile]
+
+
 def num_tiles(batch: int, height: int, width: int, output_tile: int = 2) -> int:
     """The ``output_tile`` x ``output_tile`` output tiles of a ``[batch, height, width, C]``
     convolution output."""
@@ -162,12 +168,6 @@ def transform_kernel(kernel: jax.Array, output_tile: int = 2) -> jax.Array:
     g = _matrices(output_tile).g
     taps = kernel.reshape(9, *kernel.shape[2:])  # [(i, j), C_in, C_out]
     return jnp.einsum("pt,tco->pco", np.kron(g, g).astype(kernel.dtype), taps)
-
-
-def _matrices(output_tile: int) -> Matrices:
-    if output_tile not in ALGORITHMS:
-        raise ValueError(f"Winograd output_tile={output_tile}; allowed: {tuple(ALGORITHMS)}")
-    return ALGORITHMS[output_tile]
 
 
 def transform_input(x: jax.Array, output_tile: int = 2) -> jax.Array:
