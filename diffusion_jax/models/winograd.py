@@ -92,9 +92,9 @@ ALGORITHMS = {2: Matrices(F2_3_BT, F2_3_G, F2_3_AT), 4: Matrices(F4_3_BT, F4_3_G
 # (docs/benchmarks.md), F(2x2, 3x3) at one more resolution against without it: 64 tiles
 # lose (batch 1 at 16x16: 108.7 against 106.9 ms; batch 4 at 8x8: 263 against 259 ms of
 # convolutions), 256 tiles win (batch 16 at 8x8: 1258 against 1307 ms; batch 64 at 4x4:
-# 4679 against 4914 ms). F(4x4, 3x3) against F(2x2, 3x3), one layer at batch 16 on the
-# same CPU: faster with 256 of its tiles (16x16, 256 channels: 18.4 against 23.1 ms), slower
-# with 64 (8x8: 6.3 against 5.3 ms).
+# 4679 against 4914 ms). F(4x4, 3x3) against F(2x2, 3x3), one layer at batch 16 on a 2-core
+# AVX-512 CPU: faster with 256 of its tiles (16x16, 256 channels: 7.0 against 9.2 ms), no
+# faster with 64 (8x8: 1.9 against 1.9 ms idle, 6.3 against 5.3 ms with other work running).
 MIN_TILES = 256
 
 
@@ -120,8 +120,9 @@ def output_tile(
     (2.25x fewer) where that makes at least `MIN_TILES`.
 
     Training keeps F(2x2, 3x3): with F(4x4, 3x3) the CIFAR-10 U-Net's loss gradient at batch
-    16 took 1.08x the time on an AVX2 CPU (0.95x on an AVX-512 one) and compiled in 88 s
-    against 57 s, past the 60 s that a train step may take (docs/benchmarks.md)."""
+    16 compiled 1.5x longer (26.9 against 17.6 s on an idle AVX-512 CPU; 88 against 57 s
+    with other work running), too much for the 60 s that a train step may take to compile on
+    slower CPUs, and ran in 0.95x the time idle but 1.08x under load (docs/benchmarks.md)."""
     if not (
         tuple(kernel_size) == (3, 3)
         and tuple(strides) == (1, 1)
