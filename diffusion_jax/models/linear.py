@@ -49,9 +49,11 @@ class Conv(nn.Module):
         if self.winograd not in WINOGRAD_MODES:
             raise ValueError(f"Conv winograd={self.winograd!r}; allowed: {WINOGRAD_MODES}")
         training = self.winograd == "training"
-        tile = self.winograd != "none" and winograd.output_tile(
-            self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3], training=training
-        )
+        tile = 0  # F(tile x tile, 3x3), or 0: XLA's convolution
+        if self.winograd != "none":
+            tile = winograd.output_tile(
+                self.kernel_size, self.strides, self.padding, dtype, *x.shape[:3], training=training
+            )
         if tile:
             x, kernel = x.astype(dtype), kernel.astype(dtype)
             if training:
