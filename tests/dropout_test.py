@@ -70,10 +70,37 @@ def test_rate_zero_is_the_identity_and_bad_input_is_refused():
     np.testing.assert_array_equal(dropout_lib.dropout(x, 0.0, key, 0), x)
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
         dropout_lib.dropout(x, 1.0, key, 0)
-    with pytest.raises(ValueError, match="Threefry key"):
-        dropout_lib.dropout(x, 0.1, jnp.zeros(4, jnp.uint32), 0)
+    with pytest.raises(ValueError, match="jax_default_prng_impl='threefry2x32'"):
+        dropout_lib.dropout(x, 0.1, jnp.zeros(4, jnp.uint32), 0)  # rbg key data
     with pytest.raises(ValueError, match="2\\*\\*32 counters"):
         dropout_lib.random_bits(key, 2**30, (4, 3))
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_rbg_keys_draw_the_bits_of_the_key_folded_with_the_stream(impl):
+    key = jax.random.key(3, impl=impl)
+    bits = dropout_lib.random_bits(key, 5, (2, 4, 3))
+    expected = jax.random.bits(jax.random.fold_in(key, 5), (2, 4, 3), jnp.uint32)
+    np.testing.assert_array_equal(bits, expected)
+    n = 2**20
+    out = dropout_lib.dropout(jnp.ones((4, n // 4)), 0.25, key, stream=1)
+    kept = np.asarray(out) != 0
+    assert abs(kept.mean() - 0.75) < 5 * np.sqrt(0.25 * 0.75 / n)
+    other = np.asarray(dropout_lib.dropout(jnp.ones((4, n // 4)), 0.25, key, stream=2)) != 0
+    assert abs(np.corrcoef(kept.ravel(), other.ravel())[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_raw_keys_follow_the_default_prng_implementation():
+    with jax.default_prng_impl("rbg"):
+        raw = jax.random.PRNGKey(7)  # uint32[4]
+        bits = dropout_lib.random_bits(raw, 1, (2, 6))
+    typed = jax.random.key(7, impl="rbg")
+    np.testing.assert_array_equal(bits, dropout_lib.random_bits(typed, 1, (2, 6)))
+    # A raw uint32[2] is Threefry's whatever the default.
+    threefry = jax.random.key(7, impl="threefry2x32")
+    with jax.default_prng_impl("rbg"):
+        bits = dropout_lib.random_bits(jax.random.key_data(threefry), 1, (2, 6))
+    np.testing.assert_array_equal(bits, dropout_lib.random_bits(threefry, 1, (2, 6)))
 
 
 def test_unet_gives_each_res_block_its_own_stream(monkeypatch):

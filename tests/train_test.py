@@ -279,3 +279,30 @@ def test_bits_per_dim_is_evaluated_every_eval_every_steps(tmp_path):
     assert sorted(evaluated) == [2, 4]
     # An untrained model is far from the data, yet a bound on 8-bit data stays in (0, 100).
     assert all(0.0 < value < 100.0 for value in evaluated.values())
+
+
+def _final_params(config, workdir) -> list[np.ndarray]:
+    _, state, _ = train.restore_for_inference(config, str(workdir))
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+
+
+def test_rbg_prng_trains_with_dropout_and_resumes_bitwise(tmp_path):
+    # JAX_DEFAULT_PRNG_IMPL=rbg (XLA's RngBitGenerator, common on TPUs): every key of the run
+    # is an rbg key, dropout's included.
+    config = _override(
+        digits.get_config("tiny"),
+        model={"dropout": 0.1},
+        training={"num_steps": 6, "checkpoint_every": 3, "log_every": 3},
+        sampling={"num_steps": 2, "num_images": 4},
+    )
+    stopped = _override(config.copy_and_resolve_references(), training={"num_steps": 3})
+    with jax.default_prng_impl("rbg"):
+        train.train_and_evaluate(config, str(tmp_path / "straight"))
+        train.train_and_evaluate(stopped, str(tmp_path / "resumed"))
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+        straight = _final_params(config, tmp_path / "straight")
+        resumed = _final_params(config, tmp_path / "resumed")
+    for a, b in zip(straight, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = [r["loss"] for r in _metrics(tmp_path / "straight") if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))

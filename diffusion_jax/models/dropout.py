@@ -1,6 +1,6 @@
 """Dropout (Srivastava et al. 2014) with counter-based random bits, one key per network.
 
-The bits are Threefry-2x32 (Salmon et al. 2011), the generator of ``jax.random``, of the
+With a Threefry key (JAX's default) the bits are Threefry-2x32 (Salmon et al. 2011) of the
 network's one key at counters that tell the layers apart: layer ``stream`` of a batch of
 ``B`` examples uses the counter pairs ``(stream * B + b, j)`` for example ``b``, and both
 32-bit output words of each pair (Random123's scheme). flax's ``nn.Dropout`` instead derives
@@ -11,6 +11,10 @@ each loop twice the counters (docs/benchmarks.md, "Dropout with one key").
 
 (Threefry written out as array operations would need no loop, but XLA fuses such an
 expression into every consumer of the mask, forward and backward, and repeats it there.)
+
+A key of another implementation (``jax_default_prng_impl=rbg`` or ``unsafe_rbg``, XLA's
+RngBitGenerator, which TPU runs pick for speed) gets a key per layer, ``fold_in(key,
+stream)``, and that key's ``jax.random.bits``.
 """
 
 from __future__ import annotations
@@ -24,21 +28,32 @@ from jax.extend.random import threefry2x32_p
 _COUNTER_LIMIT = 2**32
 
 
-def threefry_key(key: jax.Array) -> jax.Array:
-    """The uint32[2] Threefry key of ``key``, a typed JAX key or a raw ``PRNGKey``."""
+def _typed_key(key: jax.Array) -> jax.Array:
+    """``key`` as a typed key: a raw uint32[2] is a Threefry ``PRNGKey``, another raw key
+    (uint32[4] under ``jax_default_prng_impl=rbg``) one of the default implementation."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    if key.shape != (2,) or key.dtype != jnp.uint32:
+        return key
+    impl = "threefry2x32" if key.shape == (2,) else jax.config.jax_default_prng_impl
+    try:
+        return jax.random.wrap_key_data(key, impl=impl)
+    except TypeError as error:
         raise ValueError(
-            f"dropout needs a Threefry key (uint32[2]), got {key.dtype}{list(key.shape)}"
-        )
-    return key
+            f"dropout needs a PRNG key; {key.dtype}{list(key.shape)} is not raw key data of "
+            f"jax_default_prng_impl={impl!r}"
+        ) from error
 
 
 def random_bits(key: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Array:
     """uint32 bits of ``shape`` ``[B, ...]``: Threefry-2x32 of ``key`` at the counter pairs
     ``(stream * B + b, j)``, j < ceil(n / 2) for the n elements of an example; example b's
-    elements in row-major order are the first output words, then the second ones."""
+    elements in row-major order are the first output words, then the second ones.
+
+    A key of another implementation (``rbg``, ``unsafe_rbg``, which TPU users pick for
+    speed) has no counters to address: its bits are ``jax.random.bits`` of the key folded
+    with ``stream``."""
+    key = _typed_key(key)
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        return jax.random.bits(jax.random.fold_in(key, stream), shape, jnp.uint32)
     batch, per_example = shape[0], int(np.prod(shape[1:]))
     pairs = -(-per_example // 2)
     if (stream + 1) * batch > _COUNTER_LIMIT:
@@ -48,7 +63,7 @@ def random_bits(key: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Arra
     grid = (batch, pairs)
     x0 = lax.broadcasted_iota(jnp.uint32, grid, 0) + np.uint32(stream * batch)
     x1 = lax.broadcasted_iota(jnp.uint32, grid, 1)
-    k0, k1 = threefry_key(key)
+    k0, k1 = jax.random.key_data(key)
     y0, y1 = threefry2x32_p.bind(k0, k1, x0, x1)
     return jnp.concatenate([y0, y1], axis=1)[:, :per_example].reshape(shape)
 
