@@ -2,15 +2,21 @@
 # The GPU benchmark of docs/benchmarks.md ("GPU results") in one command: ours against
 # diffusers' UNet2DModel on the same GPU, in bfloat16 and in float32, DDPM CIFAR-10 U-Net.
 #
-#   launch/gpu_bench.sh wheels        # here, with a package registry: fill .whl/
-#   launch/gpu_bench.sh run OUT_DIR   # there, on the GPU machine: no registry needed
+#   launch/gpu_bench.sh wheels                  # here, with a package registry: fill .whl/
+#   launch/gpu_bench.sh run OUT_DIR [PART ...]  # there, on the GPU machine: no registry
 #
 # `wheels` downloads, for CPython 3.12 on x86-64 Linux, the packages that a machine with
 # JAX, flax, optax, orbax, chex and PyTorch (CUDA) but nothing else lacks to import the
 # benchmark and diffusers; `run` installs them from .whl/ (if there) into /tmp/site, then
-# writes OUT_DIR/bench_{bfloat16,float32,bfloat16_select}.json and .log and OUT_DIR/gpu.txt
-# (8 files, what the lent machine sends back). Each
-# benchmark run takes a few minutes on an H100 / H200 (compiles included).
+# writes OUT_DIR/gpu.txt and, for each PART (bfloat16, float32, select; all three if none
+# is named), OUT_DIR/bench_PART.json and .log: 7 files, what the lent machine sends back.
+# Each part takes a few minutes on an H100 / H200 (compiles included); run the parts as
+# separate commands where one command's time is limited, bfloat16 first.
+#
+# GPU_BENCH_WHEELS names another wheel folder than .whl/. GPU_BENCH_FLAGS, appended to each
+# benchmark's flags, rehearses the script on a CPU:
+#   GPU_BENCH_FLAGS="--tiny --batch_size 4 --sample_batch_size 4 --steps 2 --repeats 1
+#     --warmup 1 --sample_repeats 1 --sample_warmup 0" launch/gpu_bench.sh run /tmp/rehearsal
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,31 +37,56 @@ wheels() {
   du -sh .whl
 }
 
-run() {
-  local out=${1:?usage: launch/gpu_bench.sh run OUT_DIR}
-  mkdir -p "$out"
-  if compgen -G ".whl/*.whl" >/dev/null; then
+install_wheels() {
+  local wheel_dir=${GPU_BENCH_WHEELS:-.whl}
+  if compgen -G "$wheel_dir/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl
+      --target /tmp/site "$wheel_dir"/*.whl
     export PYTHONPATH=/tmp/site:.
   fi
+}
+
+# One benchmark run: PART is bfloat16 or float32 (ours against diffusers, train and DDIM
+# 20 / 50 steps), or select (ours alone, bfloat16, the train step with `where(finite, new,
+# old)` instead of `lax.cond`, which may cost XLA:GPU a host round trip: compare its img/s
+# with bench_bfloat16.json's).
+bench() {
+  local out=$1 part=$2 extra
+  read -ra extra <<<"${GPU_BENCH_FLAGS:-}"
+  local common=(--config configs/cifar10.py --batch_size 128 --repeats 10 --warmup 5)
+  local flags
+  case "$part" in
+    bfloat16 | float32)
+      flags=(--compare diffusers --dtype "$part" --sample_batch_size 128 --samplers ddim
+        --steps 20,50) ;;
+    select) flags=(--dtype bfloat16 --samplers= --skip_with select) ;;
+  esac
+  python3 -m diffusion_jax.bench "${common[@]}" "${flags[@]}" "${extra[@]}" \
+    --out "$out/bench_$part.json" 2>&1 | tee "$out/bench_$part.log"
+}
+
+run() {
+  local out=${1:?usage: launch/gpu_bench.sh run OUT_DIR [PART ...]}
+  shift
+  local parts=("$@")
+  ((${#parts[@]})) || parts=(bfloat16 float32 select)
+  for part in "${parts[@]}"; do
+    case "$part" in
+      bfloat16 | float32 | select) ;;
+      *) echo "unknown part '$part'; allowed: bfloat16 float32 select" >&2; exit 2 ;;
+    esac
+  done
+  mkdir -p "$out"
+  install_wheels
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
     >"$out/gpu.txt" 2>&1 || true
-  for dtype in bfloat16 float32; do
-    python3 -m diffusion_jax.bench --config configs/cifar10.py --compare diffusers \
-      --batch_size 128 --sample_batch_size 128 --dtype "$dtype" --samplers ddim \
-      --steps 20,50 --repeats 10 --warmup 5 --out "$out/bench_$dtype.json" 2>&1 |
-      tee "$out/bench_$dtype.log"
+  for part in "${parts[@]}"; do
+    bench "$out" "$part"
   done
-  # The train step with `where(finite, new, old)` instead of `lax.cond` (a conditional may
-  # cost XLA:GPU a host round trip): compare its img/s with bench_bfloat16.json's.
-  python3 -m diffusion_jax.bench --config configs/cifar10.py --batch_size 128 \
-    --dtype bfloat16 --samplers= --repeats 10 --warmup 5 --skip_with select \
-    --out "$out/bench_bfloat16_select.json" 2>&1 | tee "$out/bench_bfloat16_select.log"
 }
 
 case "${1:-}" in
   wheels) wheels ;;
-  run) run "${2:-}" ;;
-  *) echo "usage: launch/gpu_bench.sh wheels | run OUT_DIR" >&2; exit 2 ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: launch/gpu_bench.sh wheels | run OUT_DIR [PART ...]" >&2; exit 2 ;;
 esac

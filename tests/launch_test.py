@@ -322,3 +322,40 @@ def test_local_launcher_trains_tiny_config_on_two_processes(tmp_path, capsys):
     assert losses_0[-1] == pytest.approx(logged[20], rel=1e-3)
     assert losses_1, f"process 1 reported no loss:\n{output[-4000:]}"
     assert losses_0 == losses_1
+
+
+def _gpu_bench(*argv: str, wheels: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python3
+    env["GPU_BENCH_WHEELS"] = str(wheels)  # none: everything is installed here
+    env["GPU_BENCH_FLAGS"] = (
+        "--tiny --batch_size 4 --repeats 1 --warmup 0 --sample_repeats 1 --sample_warmup 0"
+    )
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / "gpu_bench.sh"), *argv],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_gpu_bench_rehearsed_on_the_cpu_runs_the_part_it_is_given(tmp_path):
+    # The `select` part (ours alone) with the tiny U-Net: the script's own wiring, with the
+    # flags it passes and GPU_BENCH_FLAGS after them (tests/bench_test.py tests the module).
+    out = tmp_path / "out"
+    done = _gpu_bench("run", str(out), "select", wheels=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench_select.json", "bench_select.log", "gpu.txt",
+    ]  # fmt: skip
+    results = json.loads((out / "bench_select.json").read_text())
+    options = results["environment"]["options"]
+    assert options["skip_with"] == "select" and options["dtype"] == "bfloat16"
+    assert options["batch_size"] == 4 and options["compare"] == "none"  # GPU_BENCH_FLAGS won
+    assert results["train"]["ours"]["items_per_s"] > 0 and results["sampling"] == {}
+
+
+def test_gpu_bench_refuses_an_unknown_part_naming_the_allowed_ones(tmp_path):
+    done = _gpu_bench("run", str(tmp_path / "out"), "bfloat16", "fp8", wheels=tmp_path)
+    assert done.returncode != 0
+    assert "unknown part 'fp8'; allowed: bfloat16 float32 select" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran
