@@ -155,6 +155,10 @@ def parallel_config() -> ml_collections.ConfigDict:
     parallel.process_id = 0
     parallel.local_device_ids = ()  # () = all local devices
     parallel.cpu_collectives = "gloo"  # collectives between CPU processes
+    # JAX's persistent compilation cache, so that a resumed run loads its programs instead of
+    # compiling them again: a relative path is under the workdir, "" turns it off.
+    # JAX_COMPILATION_CACHE_DIR, where set, wins.
+    parallel.compilation_cache_dir = "compilation_cache"
     return parallel
 
 

@@ -1,4 +1,5 @@
-"""Compiling the programs of a run: XLA options per backend, ahead of time, all processes together.
+"""Compiling the programs of a run: XLA options per backend, ahead of time, all processes
+together, and cached on disk between runs.
 
 Training, sampling and evaluation wrap their jitted functions in `CompiledTogether`, which
 compiles each new argument signature ahead of its first call (`lower(...).compile(...)`):
@@ -12,11 +13,17 @@ compiles each new argument signature ahead of its first call (`lower(...).compil
   far apart when one loads it from the persistent compilation cache while another compiles
   it (seen on CPU: process 0 hit the cache, process 1 compiled for 35 s), and the gloo CPU
   collectives give up after 30 s of waiting for a peer: the run dies.
+
+`use_persistent_cache` points JAX's persistent compilation cache at the run's workdir, so a
+resumed run (after a preemption, say) loads its programs instead of compiling them again:
+the digits U-Net's run of two steps took 33 s the first time and 12.5 s the second on a
+2-core CPU. JAX writes the cache from process 0 only.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 
 import jax
@@ -39,6 +46,22 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     """The XLA options our programs are compiled with on `backend` (default: JAX's)."""
     backend = jax.default_backend() if backend is None else backend
     return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
+
+
+def use_persistent_cache(cache_dir: str, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache at ``cache_dir`` (relative paths are under
+    ``workdir``; "" leaves JAX's setting alone) and returns the directory in use, if any.
+
+    Call it before the first compilation: JAX reads the setting once. A directory that JAX
+    was given already (``JAX_COMPILATION_CACHE_DIR``) wins."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or not cache_dir:
+        return current or None
+    if not (os.path.isabs(cache_dir) or "://" in cache_dir):
+        cache_dir = os.path.join(workdir, cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    logging.info("Persistent compilation cache: %s", cache_dir)
+    return cache_dir
 
 
 def compile_ahead(jitted: Callable, *args, options: dict[str, str] | None = None):

@@ -12,7 +12,7 @@ intentionally kept short: each mode is one function call.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import host_memory, parallel
+from diffusion_jax import compilation, host_memory, parallel
 
 MODES = ("train", "eval", "sample")
 
@@ -34,6 +34,7 @@ def main(argv) -> None:
     config = FLAGS.config
     host_memory.retain_freed_memory()  # before JAX creates its CPU client: no page faults per step
     parallel.initialize_distributed(config.parallel)
+    compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
     logging.info("Config:\n%s", config)
     if FLAGS.mode == "train":
         from diffusion_jax import train

@@ -65,6 +65,24 @@ def test_an_option_this_jaxlib_lacks_compiles_with_the_defaults():
     np.testing.assert_array_equal(compiled(jnp.arange(3.0)), [1.0, 3.0, 5.0])
 
 
+def test_persistent_cache_goes_under_the_workdir_unless_jax_has_one(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation.use_persistent_cache("", str(tmp_path)) is None  # off
+        assert jax.config.jax_compilation_cache_dir is None
+        used = compilation.use_persistent_cache("cache", str(tmp_path))
+        assert used == str(tmp_path / "cache") == jax.config.jax_compilation_cache_dir
+        jax.config.update("jax_compilation_cache_dir", "/set/by/the/environment")
+        assert compilation.use_persistent_cache("/elsewhere", str(tmp_path)) == (
+            "/set/by/the/environment"
+        )
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compilation.use_persistent_cache("gs://bucket/cache", "/w") == "gs://bucket/cache"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_compiled_together_equals_jit_and_compiles_once_per_signature():
     jitted = jax.jit(lambda x, y: x @ y + 1)
     together = compilation.CompiledTogether(jitted, "matmul")

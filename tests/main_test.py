@@ -133,6 +133,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert step == steps[-1] == int(state.step)
 
 
+@pytest.mark.slow
+def test_resumed_run_loads_its_programs_from_the_cache_in_its_workdir(tmp_path):
+    env = {**_environment(), "JAX_LOG_COMPILES": "1"}  # logs persistent cache hits
+    del env["JAX_COMPILATION_CACHE_DIR"]  # which would win over the workdir's
+    for num_steps in (10, 20):
+        completed = subprocess.run(
+            _command(tmp_path, f"--config.training.num_steps={num_steps}"),
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert list((tmp_path / "compilation_cache").glob("jit_train_step-*"))
+    assert "Restored the checkpoint of step 10" in completed.stderr
+    assert "Persistent compilation cache hit for 'jit_train_step'" in completed.stderr
+
+
 def test_unknown_config_key_is_named():
     completed = _run("/tmp/unused", "--config.training.bogus_option=3", timeout=120)
     assert completed.returncode != 0
