@@ -538,6 +538,9 @@ def main(argv) -> None:
     options = options_from_flags()
     if options.retain_freed_memory:  # before JAX starts its threads, as diffusion_jax.main
         host_memory.retain_freed_memory()
+    if options.compare != "none":  # before JAX's GPU client exists: it would take 75% of the
+        # GPU's memory up front, leaving PyTorch, in the same process, the rest
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     results = run_benchmark(config, options)
     print(format_table(results))
     with open(FLAGS.out, "w") as f:
