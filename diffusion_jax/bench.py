@@ -47,12 +47,14 @@ from diffusion_jax import (
 )
 
 # Dense peak TFLOP/s per JAX device, from the vendors' data sheets (H100/H200 SXM: 989
-# bf16, 67 fp32 without tensor cores; REFERENCE.md measured ~798 bf16 on the lent H100).
+# bf16; REFERENCE.md measured ~798 bf16 on the lent H100). float32 is the rate of what JAX's
+# default precision runs a float32 product or convolution as: TF32 on tensor cores on a GPU
+# (H100/H200 SXM 495 dense, A100 156; 67 and 19.5 without them), one bfloat16 pass on a TPU.
 # TPU v2/v3 expose one device per core, v4/v5p one per chip (megacore).
 PEAK_TFLOPS = {
-    "H100": {"bfloat16": 989.0, "float32": 67.0},
-    "H200": {"bfloat16": 989.0, "float32": 67.0},
-    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "H100": {"bfloat16": 989.0, "float32": 495.0},
+    "H200": {"bfloat16": 989.0, "float32": 495.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
     "TPU v3": {"bfloat16": 61.5, "float32": 61.5},
     "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
     "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},

@@ -43,6 +43,7 @@ def test_peak_tflops_table_and_override():
     h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
     cpu = types.SimpleNamespace(device_kind="cpu")
     assert bench.peak_tflops(h100, "bfloat16") == 989.0
+    assert bench.peak_tflops(h100, "float32") == 495.0  # TF32: JAX's default precision
     assert bench.peak_tflops(cpu, "float32") is None
     assert bench.peak_tflops(cpu, "float32", override=0.5) == 0.5
 
