@@ -402,6 +402,7 @@ def environment(options: BenchOptions) -> dict:
         "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", ""),
         "compiler_options": compiler_options(options),
         "options": dataclasses.asdict(options),
     }
