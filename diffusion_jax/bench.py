@@ -40,6 +40,7 @@ from diffusion_jax import (
     compilation,
     host_memory,
     models,
+    op_profile,
     parallel,
     samplers,
     sampling_run,
@@ -82,6 +83,8 @@ class BenchOptions:
     torch_device: str = "auto"  # diffusers' side: "auto" (where ours runs), "cpu", "cuda"
     skip_with: str = "cond"  # how the train step skips a non-finite update (train.SKIP_FORMS)
     retain_freed_memory: bool = True  # host_memory.retain_freed_memory(), as training runs
+    profile_steps: int = 0  # > 0: a profile of that many train steps, per XLA operation
+    profile_dir: str = "/tmp/diffusion_jax_profile"  # where the profiler writes its trace
     seed: int = 0
 
 
@@ -424,6 +427,8 @@ def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> d
     if options.compare == "diffusers":
         unet, results["diffusers"] = _diffusers_side(config, options, runner[1]["params"])
     results["train"] = bench_training(config, options, runner, unet)
+    if options.profile_steps > 0:
+        results["profile"] = profile_train_step(runner[0], options)
     results["sampling"] = bench_sampling(config, options, unet)
     compile_times = {key: entry["ours"]["compile"] for key, entry in results["sampling"].items()}
     results["compile"] = {"train_step": results["train"]["ours"]["compile"], **compile_times}
@@ -435,6 +440,16 @@ def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> d
             results["diffusers"]["device"]
         )
     return results
+
+
+def profile_train_step(run: Callable[[], object], options: BenchOptions) -> dict:
+    """Our train step's time per XLA operation (`op_profile`), or the error that stopped the
+    profiler (a lent GPU's profiler may be unavailable: the timings above still count)."""
+    try:
+        trace = op_profile.capture(run, options.profile_steps, options.profile_dir)
+        return op_profile.summarize(trace, options.profile_steps)
+    except Exception as error:  # reported in the results instead of losing them
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def format_table(results: dict) -> str:
@@ -508,6 +523,8 @@ flags.DEFINE_bool(
     "Keep freed host memory in the process, CPU programs in the calling thread (host_memory);"
     " --noretain_freed_memory: glibc's and JAX's defaults.",
 )
+flags.DEFINE_integer("profile_steps", 0, "Profile this many train steps per XLA op (0: none).")
+flags.DEFINE_string("profile_dir", "/tmp/diffusion_jax_profile", "Where the profile trace goes.")
 flags.DEFINE_bool("tiny", False, "Benchmark the tiny U-Net of configs/models.py instead.")
 flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 flags.mark_flags_as_required(["config"])
@@ -531,6 +548,8 @@ def options_from_flags() -> BenchOptions:
         torch_device=FLAGS.torch_device,
         skip_with=FLAGS.skip_with,
         retain_freed_memory=FLAGS.retain_freed_memory,
+        profile_steps=FLAGS.profile_steps,
+        profile_dir=FLAGS.profile_dir,
     )
 
 
@@ -546,6 +565,9 @@ def main(argv) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     results = run_benchmark(config, options)
     print(format_table(results))
+    if "profile" in results:
+        profile = results["profile"]
+        print(profile.get("error") or op_profile.format_summary(profile))
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"Results written to {FLAGS.out}")

@@ -47,7 +47,7 @@ install_wheels() {
 }
 
 # One benchmark run: PART is bfloat16 or float32 (ours against diffusers, train and DDIM
-# 20 / 50 steps), or select (ours alone, bfloat16, the train step with `where(finite, new,
+# 20 / 50 steps, and our train step's time per XLA operation over 3 profiled steps), or select (ours alone, bfloat16, the train step with `where(finite, new,
 # old)` instead of `lax.cond`, which may cost XLA:GPU a host round trip: compare its img/s
 # with bench_bfloat16.json's).
 bench() {
@@ -58,7 +58,7 @@ bench() {
   case "$part" in
     bfloat16 | float32)
       flags=(--compare diffusers --dtype "$part" --sample_batch_size 128 --samplers ddim
-        --steps 20,50) ;;
+        --steps 20,50 --profile_steps 3 --profile_dir "/tmp/profile_$part") ;;
     select) flags=(--dtype bfloat16 --samplers= --skip_with select) ;;
   esac
   python3 -m diffusion_jax.bench "${common[@]}" "${flags[@]}" "${extra[@]}" \

@@ -72,7 +72,7 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
         sys.executable, "-m", "diffusion_jax.bench", "--config", "configs/cifar10.py", "--tiny",
         "--batch_size", "8", "--steps", "2", "--samplers", "ddim,dpm_solver++",
         "--sample_batch_size", "2", "--repeats", "1", "--sample_repeats", "1", "--warmup", "0",
-        "--sample_warmup", "0",
+        "--sample_warmup", "0", "--profile_steps", "1", "--profile_dir", str(tmp_path / "trace"),
         "--out", str(out),
     ] + (["--compare", "diffusers"] if HAS_TORCH else [])  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +96,9 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
         _assert_positive_timings(entry["ours"])
         assert entry["ours"]["nfe"] == 2
     assert results["memory"]["peak_bytes"] > 0
+    profile = results["profile"]  # --profile_steps 1: our train step per XLA operation
+    assert profile["steps"] == 1 and profile["total_ms_per_step"] > 0 and profile["ops"]
+    assert "op profile (1 steps" in done.stdout
     if HAS_TORCH:  # --compare diffusers: same network, timed in the same process
         assert results["environment"]["xla_preallocate"] == "false"  # room for PyTorch
         assert results["diffusers"]["params"] == ours["params"]
