@@ -6,7 +6,8 @@ adds up the duration of every event that XLA tagged with an `hlo_op` (a fusion, 
 convolution, a cuDNN or cuBLAS call, ...) per operation and per kind of operation (the name
 without its ".N" suffix), per step. On a GPU the device's own kernel events are counted
 (the `/device:` processes of the trace); on a CPU, where XLA runs its operations on host
-threads, the host's. Thread time is summed, so on a CPU the total can exceed the wall time
+threads, the host's, where a loop or conditional is counted by the operations of its body.
+Thread time is summed, so on a CPU the total can exceed the wall time
 of a step (several threads), and on a GPU it falls short of it where the device idles.
 
 This is what `--profile_steps` of the benchmark records, so that a run on a lent GPU says
@@ -45,6 +46,30 @@ def _process_names(events: list[dict]) -> dict[int, str]:
     }
 
 
+def _leaves(events: list[dict]) -> list[dict]:
+    """The events that hold no other event of their thread: a CPU's `while` or
+    `conditional` spans the operations of its body, which are counted instead."""
+    containers = set()
+    by_thread = collections.defaultdict(list)
+    for index, event in enumerate(events):
+        by_thread[event["pid"], event.get("tid")].append(index)
+    for indices in by_thread.values():
+        indices.sort(key=lambda i: (events[i]["ts"], -float(events[i].get("dur", 0.0))))
+        open_events: list[int] = []  # a stack of events that contain the current one
+        for index in indices:
+            start = events[index]["ts"]
+            while open_events and _end(events[open_events[-1]]) <= start:
+                open_events.pop()
+            if open_events:
+                containers.add(open_events[-1])
+            open_events.append(index)
+    return [event for index, event in enumerate(events) if index not in containers]
+
+
+def _end(event: dict) -> float:
+    return event["ts"] + float(event.get("dur", 0.0))
+
+
 def op_durations_us(trace: str | pathlib.Path) -> dict[str, tuple[float, int]]:
     """Total microseconds and count of the events of each XLA operation in `trace`, from the
     device processes where the trace has any (GPU, TPU), else from the host (CPU)."""
@@ -58,7 +83,7 @@ def op_durations_us(trace: str | pathlib.Path) -> dict[str, tuple[float, int]]:
     ]
     on_device = [e for e in op_events if names.get(e["pid"], "").startswith("/device:")]
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for event in on_device or op_events:
+    for event in _leaves(on_device or op_events):
         total = totals[event["args"]["hlo_op"]]
         total[0] += float(event.get("dur", 0.0))
         total[1] += 1

@@ -16,8 +16,9 @@ def _write_trace(path, events):
     return path
 
 
-def _op(pid, name, dur):
-    return {"ph": "X", "pid": pid, "tid": 1, "name": name, "dur": dur, "args": {"hlo_op": name}}
+def _op(pid, name, dur, ts=0.0, tid=1):
+    args = {"hlo_op": name}
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "name": name, "dur": dur, "args": args}
 
 
 def _process(pid, name):
@@ -29,11 +30,11 @@ def test_device_kernels_are_summed_per_op_and_kind_per_step(tmp_path):
         _process(1, "/host:CPU"),
         _process(2, "/device:GPU:0"),
         _op(1, "fusion.1", 1000.0),  # the host's launch of a kernel: not device time
-        _op(2, "fusion.1", 300.0),
-        _op(2, "fusion.1", 300.0),
-        _op(2, "fusion.2", 200.0),
-        _op(2, "convolution", 1200.0),
-        {"ph": "X", "pid": 2, "name": "memcpy", "dur": 5000.0, "args": {}},  # no hlo_op
+        _op(2, "fusion.1", 300.0, ts=0),
+        _op(2, "fusion.1", 300.0, ts=1000),
+        _op(2, "fusion.2", 200.0, ts=2000),
+        _op(2, "convolution", 1200.0, ts=3000),
+        {"ph": "X", "pid": 2, "ts": 0, "name": "memcpy", "dur": 5000.0, "args": {}},  # no op
     ]
     summary = op_profile.summarize(_write_trace(tmp_path / "t.json.gz", events), steps=2)
     assert summary["total_ms_per_step"] == pytest.approx(1.0)  # 2000 us over 2 steps
@@ -48,10 +49,16 @@ def test_device_kernels_are_summed_per_op_and_kind_per_step(tmp_path):
     assert sum(kind["share"] for kind in summary["kinds"]) == pytest.approx(1.0)
 
 
-def test_host_ops_count_where_the_trace_has_no_device(tmp_path):
-    events = [_process(1, "/host:CPU"), _op(1, "dot.3", 400.0), _op(1, "dot.4", 100.0)]
+def test_host_ops_count_where_the_trace_has_no_device_and_loops_by_their_bodies(tmp_path):
+    events = [
+        _process(1, "/host:CPU"),
+        _op(1, "while.7", 1000.0, ts=0),  # a CPU loop spans the operations of its body
+        _op(1, "dot.3", 400.0, ts=100),
+        _op(1, "dot.4", 100.0, ts=600),
+        _op(1, "dot.3", 50.0, ts=800, tid=2),  # another thread, during the loop: counted
+    ]
     summary = op_profile.summarize(_write_trace(tmp_path / "t.json.gz", events), steps=1)
-    assert summary["kinds"] == [{"name": "dot", "ms_per_step": 0.5, "share": 1.0, "per_step": 2.0}]
+    assert summary["kinds"] == [{"name": "dot", "ms_per_step": 0.55, "share": 1.0, "per_step": 3.0}]
 
 
 def test_a_trace_without_xla_operations_is_refused(tmp_path):
