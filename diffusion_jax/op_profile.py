@@ -7,8 +7,8 @@ convolution, a cuDNN or cuBLAS call, ...) per operation and per kind of operatio
 without its ".N" suffix), per step. On a GPU the device's own kernel events are counted
 (the `/device:` processes of the trace); on a CPU, where XLA runs its operations on host
 threads, the host's, where a loop or conditional is counted by the operations of its body.
-Thread time is summed, so on a CPU the total can exceed the wall time
-of a step (several threads), and on a GPU it falls short of it where the device idles.
+Thread time is summed, so on a CPU the total can exceed the wall time of a step (several
+threads), and on a GPU it falls short of it where the device idles.
 
 This is what `--profile_steps` of the benchmark records, so that a run on a lent GPU says
 what limits the step without a separate profiling session.
