@@ -446,8 +446,8 @@ def profile_train_step(run: Callable[[], object], options: BenchOptions) -> dict
     """Our train step's time per XLA operation (`op_profile`), or the error that stopped the
     profiler (a lent GPU's profiler may be unavailable: the timings above still count)."""
     try:
-        trace = op_profile.capture(run, options.profile_steps, options.profile_dir)
-        return op_profile.summarize(trace, options.profile_steps)
+        trace, seconds = op_profile.capture(run, options.profile_steps, options.profile_dir)
+        return op_profile.summarize(trace, options.profile_steps, wall_s=seconds)
     except Exception as error:  # reported in the results instead of losing them
         return {"error": f"{type(error).__name__}: {error}"}
 

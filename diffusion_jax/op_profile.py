@@ -1,14 +1,19 @@
 """Where a compiled step spends its time: JAX's profiler trace, summed per XLA operation.
 
 `capture(run, steps, log_dir)` runs `run()` (one blocking step) `steps` times under
-`jax.profiler.trace` and returns the Perfetto trace it wrote; `summarize(trace, steps)`
+`jax.profiler.trace` and returns the Perfetto trace it wrote and the wall time of the
+steps; `summarize(trace, steps)`
 adds up the duration of every event that XLA tagged with an `hlo_op` (a fusion, a
 convolution, a cuDNN or cuBLAS call, ...) per operation and per kind of operation (the name
 without its ".N" suffix), per step. On a GPU the device's own kernel events are counted
 (the `/device:` processes of the trace); on a CPU, where XLA runs its operations on host
 threads, the host's, where a loop or conditional is counted by the operations of its body.
-Thread time is summed, so on a CPU the total can exceed the wall time of a step (several
-threads), and on a GPU it falls short of it where the device idles.
+Thread time is summed, so the total can exceed the wall time of a step (several threads),
+and on a GPU it falls short of it where the device idles. On a CPU it also misses what XLA
+hands to Eigen's thread pool without a trace event of its own (its convolutions): the CIFAR-10
+train step at batch 16, 1.92 s wall on 2 cores (up to 3.8 thread-s), had 1.28 thread-s in
+traced operations, 0.37 s of them in transpose_copy_fusions (jaxlib 0.10.2, 2026-12-02).
+Compare `total_ms_per_step` with `wall_ms_per_step`.
 
 This is what `--profile_steps` of the benchmark records, so that a run on a lent GPU says
 what limits the step without a separate profiling session.
@@ -21,6 +26,7 @@ import gzip
 import json
 import pathlib
 import re
+import time
 from collections.abc import Callable
 
 import jax
@@ -28,14 +34,19 @@ import jax
 _SUFFIX = re.compile(r"[.:]\d+$")
 
 
-def capture(run: Callable[[], object], steps: int, log_dir: str | pathlib.Path) -> pathlib.Path:
-    """Runs `run()` `steps` times under the profiler; the Perfetto trace it wrote."""
+def capture(
+    run: Callable[[], object], steps: int, log_dir: str | pathlib.Path
+) -> tuple[pathlib.Path, float]:
+    """Runs `run()` `steps` times under the profiler: the Perfetto trace it wrote, and the
+    seconds the steps took (the profiler's own start and stop excluded)."""
     log_dir = pathlib.Path(log_dir)
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        start = time.perf_counter()
         for _ in range(steps):
             run()
+        seconds = time.perf_counter() - start
     traces = log_dir.glob("plugins/profile/*/perfetto_trace.json.gz")
-    return max(traces, key=lambda path: path.stat().st_mtime)
+    return max(traces, key=lambda path: path.stat().st_mtime), seconds
 
 
 def _process_names(events: list[dict]) -> dict[int, str]:
@@ -90,9 +101,11 @@ def op_durations_us(trace: str | pathlib.Path) -> dict[str, tuple[float, int]]:
     return {op: (us, count) for op, (us, count) in totals.items()}
 
 
-def summarize(trace: str | pathlib.Path, steps: int, *, top: int = 25) -> dict:
+def summarize(
+    trace: str | pathlib.Path, steps: int, *, wall_s: float | None = None, top: int = 25
+) -> dict:
     """Per step: the `top` operations by time, the time per kind of operation, the total
-    (milliseconds, share of the total, events)."""
+    (milliseconds, share of the total, events), and the wall time where `wall_s` is given."""
     durations = op_durations_us(trace)
     total_us = sum(us for us, _ in durations.values())
     if not durations or total_us <= 0:
@@ -116,6 +129,7 @@ def summarize(trace: str | pathlib.Path, steps: int, *, top: int = 25) -> dict:
         "trace": str(trace),
         "steps": steps,
         "total_ms_per_step": total_us / steps / 1e3,
+        "wall_ms_per_step": None if wall_s is None else wall_s / steps * 1e3,
         "ops": [entry(op, us, n) for op, (us, n) in sorted(durations.items(), key=by_time)[:top]],
         "kinds": [entry(kind, us, n) for kind, (us, n) in sorted(kinds.items(), key=by_time)],
     }
@@ -123,7 +137,11 @@ def summarize(trace: str | pathlib.Path, steps: int, *, top: int = 25) -> dict:
 
 def format_summary(summary: dict, *, rows: int = 12) -> str:
     """The kinds of operation, then the operations, by time: a few lines for the console."""
-    lines = [f"op profile ({summary['steps']} steps, {summary['total_ms_per_step']:.4g} ms/step)"]
+    wall = summary["wall_ms_per_step"]
+    lines = [
+        f"op profile ({summary['steps']} steps, {summary['total_ms_per_step']:.4g} ms/step in"
+        " XLA operations" + ("" if wall is None else f", {wall:.4g} ms/step wall") + ")"
+    ]
     for title in ("kinds", "ops"):
         for item in summary[title][:rows]:
             lines.append(

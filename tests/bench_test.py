@@ -98,6 +98,7 @@ def test_cli_on_tiny_model_writes_json(tmp_path):
     assert results["memory"]["peak_bytes"] > 0
     profile = results["profile"]  # --profile_steps 1: our train step per XLA operation
     assert profile["steps"] == 1 and profile["total_ms_per_step"] > 0 and profile["ops"]
+    assert profile["wall_ms_per_step"] > 0
     assert "op profile (1 steps" in done.stdout
     if HAS_TORCH:  # --compare diffusers: same network, timed in the same process
         assert results["environment"]["xla_preallocate"] == "false"  # room for PyTorch

@@ -72,10 +72,11 @@ def test_a_captured_cpu_step_lists_operations_of_its_compiled_program(tmp_path):
     x = jnp.ones((512, 512))
     compiled_text = step.lower(x).compile().as_text()
     step(x).block_until_ready()
-    trace = op_profile.capture(lambda: step(x).block_until_ready(), 3, tmp_path)
-    summary = op_profile.summarize(trace, steps=3)
+    trace, seconds = op_profile.capture(lambda: step(x).block_until_ready(), 3, tmp_path)
+    summary = op_profile.summarize(trace, steps=3, wall_s=seconds)
     assert summary["total_ms_per_step"] > 0 and summary["ops"]
+    assert summary["wall_ms_per_step"] == pytest.approx(seconds / 3 * 1e3)
     for op in summary["ops"]:
         assert f"{op['name']} " in compiled_text or f"{op['name']}(" in compiled_text
         assert op["per_step"] == 1  # each operation runs once per step
-    assert "op profile (3 steps" in op_profile.format_summary(summary)
+    assert "ms/step wall)" in op_profile.format_summary(summary)
