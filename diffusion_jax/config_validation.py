@@ -64,6 +64,8 @@ def check_diffusion(config: ml_collections.ConfigDict) -> None:
             f"got model.learn_sigma={config.model.learn_sigma}"
         )
     discrete = diffusion.loss_type in DISCRETE_LOSSES
+    if discrete and diffusion.zero_terminal_snr:
+        losses.check_target_at_terminal_snr(diffusion.target, alpha_last=0.0)
     if diffusion.timestep_sampling == "importance" and not discrete:
         raise ValueError(
             "diffusion.timestep_sampling='importance' needs a discrete loss; "

@@ -69,9 +69,25 @@ def simple_loss(
     """Weighted mean squared error of the prediction of `target` [B] (Eq. 14 of Ho et al.)."""
     alpha, sigma = process_lib.alpha_sigma(process, t, x0.ndim)
     target_value = parameterization.from_x0_eps(x0, noise, alpha, sigma, target)
-    snr = process.alphas_cumprod[t] / (1.0 - process.alphas_cumprod[t])
+    # From the float64-computed square roots: 1 - alpha_bar in float32 loses ~1e-3 at small t.
+    snr = (process.sqrt_alphas_cumprod[t] / process.sqrt_one_minus_alphas_cumprod[t]) ** 2
     weight = target_weight(snr, target=target, weighting=weighting, snr_gamma=snr_gamma)
     return weight * vlb.mean_over_dims((prediction - target_value) ** 2)
+
+
+def check_target_at_terminal_snr(target: str, alpha_last: float) -> None:
+    """Refuse eps-prediction on a schedule whose last alpha is 0 (zero terminal SNR).
+
+    There x_T is pure noise, the eps target is x_T itself and x0 = (x_T - sigma eps) / alpha is
+    undefined: the bound and its hybrid loss are infinite at t = T and SNR weights divide by 0.
+    Lin et al. 2024 (Sec. 3.2) train such schedules with v-prediction.
+    """
+    if target == "eps" and not alpha_last > 0:
+        raise ValueError(
+            "diffusion.target='eps' cannot train a zero-terminal-SNR schedule "
+            "(diffusion.zero_terminal_snr=True: alpha = 0 at the last step, so x0 is undefined "
+            "there); allowed targets: 'v', 'x0'"
+        )
 
 
 def make_diffusion_loss_fn(
@@ -94,6 +110,7 @@ def make_diffusion_loss_fn(
     """
     _check_choice(loss_type, ("simple", "hybrid", "vlb"), "diffusion.loss_type")
     _check_choice(target, TARGETS, "diffusion.target")
+    check_target_at_terminal_snr(target, float(process.sqrt_alphas_cumprod[-1]))
     process_lib.check_variance_type(variance_type)
     learned = variance_type in ("learned", "learned_range")
     if learned and loss_type == "simple":

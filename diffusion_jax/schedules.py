@@ -88,8 +88,8 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas so that alpha_bar_{T-1} = 0 (Algorithm 1 of Lin et al. 2024).
 
     sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is unchanged.
-    The last beta becomes exactly 1: only samplers that never divide by sigma_T (v- or
-    x0-prediction) can use such a schedule.
+    The last beta becomes exactly 1 and alpha_T = 0, so x0 = (x_T - sigma_T eps) / alpha_T is
+    undefined: such a schedule needs v- or x0-prediction (Lin et al. 2024, Sec. 3.2).
     """
     sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
     first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
@@ -147,8 +147,10 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspac
     elif spacing == "leading":
         steps = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
     elif spacing == "trailing":
+        # A float stride can leave a (K+1)-th point just above 0 (T=1000, K=61): keep K.
         stride = num_timesteps / num_steps
-        steps = np.round(np.arange(num_timesteps, 0, -stride)).astype(np.int64)[::-1] - 1
+        steps = np.round(np.arange(num_timesteps, 0, -stride)[:num_steps]).astype(np.int64)
+        steps = steps[::-1] - 1
     else:
         raise ValueError(f"Unknown timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
     return steps

@@ -73,3 +73,16 @@ def test_cifar10_cond_drops_labels_and_guides():
     config = cifar10_cond.get_config()
     assert config.data.use_labels and config.model.num_classes == 10
     assert config.diffusion.label_dropout == 0.1 and config.sampling.guidance_scale > 1.0
+
+
+def test_zero_terminal_snr_with_eps_target_is_named():
+    from configs import cifar10
+
+    config = cifar10.get_config("tiny")
+    with config.unlocked():
+        config.diffusion.zero_terminal_snr = True
+    with pytest.raises(ValueError, match=r"diffusion.target='eps'.*allowed targets: 'v', 'x0'"):
+        config_validation.validate(config)
+    with config.unlocked():
+        config.diffusion.target = "v"
+    config_validation.validate(config)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses, parameterization, vlb
+from diffusion_jax import losses, parameterization, schedules, vlb
 from diffusion_jax import process as process_lib
 from tests import gaussian_data
 
@@ -228,3 +228,41 @@ def test_bad_loss_options_raise(process, kwargs, message):
     with pytest.raises(ValueError, match=message):
         loss_fn = losses.make_diffusion_loss_fn(process, lambda *a: a[1], **kwargs)
         loss_fn(None, _gaussian_batch(2, 2), jax.random.key(0))
+
+
+@pytest.mark.parametrize("schedule,num_timesteps", [("linear", 1000), ("cosine", 4000)])
+def test_snr_weight_is_float64_accurate_at_small_t(schedule, num_timesteps):
+    """The weight of an x0 error under "snr" is alpha_bar / (1 - alpha_bar) to float32's
+    precision even at t = 0, where 1 - alpha_bar in float32 loses 1e-4 to 3e-3 of it."""
+    process = process_lib.make_process(schedule, num_timesteps)
+    alphas_cumprod = np.cumprod(1.0 - schedules.get_betas(schedule, num_timesteps))
+    t = jnp.arange(8)
+    x0 = jnp.zeros((8, 2))
+    noise = jnp.zeros((8, 2))
+    unit_error = jnp.ones((8, 2))  # prediction - x0 = 1 everywhere
+    weights = losses.simple_loss(process, unit_error, x0, noise, t, target="x0", weighting="snr")
+    expected = alphas_cumprod[:8] / (1.0 - alphas_cumprod[:8])
+    np.testing.assert_allclose(weights, expected, rtol=3e-6)
+
+
+def test_eps_target_is_refused_on_a_zero_terminal_snr_schedule():
+    """alpha_T = 0 makes x0 = (x_T - sigma eps) / alpha undefined: the bound is infinite at
+    t = T (Lin et al. 2024, Sec. 3.2 train such schedules with v-prediction)."""
+    process = process_lib.make_process("linear", 100, zero_terminal_snr=True)
+    apply_fn = lambda params, x_t, network_time, label, rng: params * x_t
+    with pytest.raises(ValueError, match=r"diffusion.target='eps'.*zero_terminal_snr.*'v', 'x0'"):
+        losses.make_diffusion_loss_fn(process, apply_fn, loss_type="simple", target="eps")
+
+
+def test_v_target_bound_is_finite_at_the_zero_snr_step():
+    """With v-prediction, the last step of a zero-terminal-SNR chain has a finite bound term:
+    the exact v at x_T = eps is -x0, so the posterior mean is exact and L_T is the KL of two
+    equal Gaussians, 0."""
+    process = process_lib.make_process("linear", 100, zero_terminal_snr=True)
+    x0 = jax.random.uniform(jax.random.key(0), (4, 3), minval=-1.0, maxval=1.0)
+    noise = jax.random.normal(jax.random.key(1), (4, 3))
+    t = jnp.full((4,), 99)
+    x_t = process_lib.q_sample(process, x0, t, noise)
+    v = parameterization.from_x0_eps(x0, noise, 0.0, 1.0, "v")
+    bits = vlb.vlb_term_bits(process, v, x0, x_t, t, prediction="v", variance_type="fixed_small")
+    np.testing.assert_allclose(bits, 0.0, atol=1e-6)

@@ -93,12 +93,28 @@ def test_zero_terminal_snr_rescaling():
 
 
 @pytest.mark.parametrize("spacing", schedules.SPACINGS)
-def test_spaced_timesteps_are_valid(spacing):
-    for num_steps in (1, 7, 10, 50, 1000):
-        steps = schedules.spaced_timesteps(1000, num_steps, spacing)
-        assert len(steps) == num_steps
-        assert np.all(np.diff(steps) > 0)
-        assert steps.min() >= 0 and steps.max() <= 999
+def test_spaced_timesteps_are_valid_for_every_step_count(spacing):
+    """K distinct increasing steps in [0, T-1] for every K <= T (trailing's float stride once
+    gave T=1000, K=61 a 62nd step, -1)."""
+    for num_timesteps in (*range(1, 130), 1000, 4000):
+        for num_steps in range(1, min(num_timesteps, 1000) + 1):
+            steps = schedules.spaced_timesteps(num_timesteps, num_steps, spacing)
+            assert len(steps) == num_steps, (num_timesteps, num_steps)
+            assert np.all(np.diff(steps) > 0), (num_timesteps, num_steps)
+            assert steps.min() >= 0 and steps.max() <= num_timesteps - 1
+            if spacing == "trailing":
+                assert steps[-1] == num_timesteps - 1
+
+
+def test_trailing_spacing_counts_from_the_end_in_strides_of_t_over_k():
+    """t_i = round(T - i T / K) - 1 for i = 0..K-1 (Lin et al. 2024, Table 2)."""
+    for num_timesteps, num_steps in ((1000, 61), (1000, 103), (1000, 7), (4000, 61)):
+        expected = [
+            round(num_timesteps - i * num_timesteps / num_steps) - 1 for i in range(num_steps)
+        ]
+        np.testing.assert_array_equal(
+            schedules.spaced_timesteps(num_timesteps, num_steps, "trailing"), expected[::-1]
+        )
 
 
 def test_spacings_known_values():
