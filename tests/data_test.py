@@ -506,6 +506,39 @@ def test_eval_dataset_is_one_ordered_unflipped_pass_whatever_the_config():
     assert flipping.random_flip  # the caller's config is left as it was
 
 
+def test_padded_eval_dataset_holds_every_example_then_the_stream_that_follows():
+    """297 test images in batches of 33 * 2 processes: 5 batches, positions >= 297 padding."""
+    whole = _concat(list(data.make_eval_dataset(_config(), split="test", seed=0,
+                                                global_batch_size=297)))  # fmt: skip
+    rows = np.zeros((330,) + whole.shape[1:], np.float32)
+    for process_index in range(2):
+        iterator = data.make_dataset(
+            _config(), split="test", seed=0, global_batch_size=66, process_index=process_index,
+            process_count=2, shuffle=False, num_epochs=1, pad_last_batch=True,
+        )  # fmt: skip
+        assert len(iterator) == 5 and iterator.num_examples == 297
+        for index, batch in enumerate(iterator):
+            positions = data.shard_positions(
+                index, global_batch_size=66, process_index=process_index, process_count=2
+            )
+            rows[positions] = batch["x"]
+    np.testing.assert_array_equal(rows[:297], whole)
+    np.testing.assert_array_equal(rows[297:], whole[:33])  # the next pass's first images
+    with pytest.raises(ValueError, match="pad_last_batch needs a finite stream"):
+        data.make_dataset(_config(), split="test", seed=0, global_batch_size=8,
+                          pad_last_batch=True)  # fmt: skip
+
+
+def test_padding_longer_than_the_split_repeats_it():
+    iterator = data.make_dataset(
+        _config(), split="test", seed=0, global_batch_size=1000, shuffle=False, num_epochs=1,
+        pad_last_batch=True,
+    )  # fmt: skip
+    (batch,) = list(iterator)
+    assert batch["x"].shape[0] == 1000
+    np.testing.assert_array_equal(batch["x"][297:594], batch["x"][:297])
+
+
 def test_shard_positions_are_where_shard_and_batch_took_each_row():
     import grain
 

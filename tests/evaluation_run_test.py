@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import digits, toy2d
-from diffusion_jax import models, parallel, train
+from diffusion_jax import data, models, parallel, train
 from diffusion_jax.evaluation import likelihood_eval, run
 
 
@@ -68,13 +68,39 @@ def test_bad_options_are_named(key, value, message):
         run.check_options(config)
 
 
-def test_too_few_samples_for_a_frechet_distance_are_refused_before_sampling():
-    config = tiny_digits_config(**{"eval.num_samples": 64})  # the digits features are 64-d
+def test_too_few_images_for_a_frechet_distance_are_refused_before_sampling():
+    frechet = ("frechet",)  # the digits features are 64-d
     with pytest.raises(ValueError, match="eval.num_samples=64.*at least 65"):
-        run.check_enough_samples(config, feature_dim=64)
-    run.check_enough_samples(tiny_digits_config(**{"eval.num_samples": 65}), feature_dim=64)
-    config = tiny_digits_config(**{"eval.num_samples": 8, "eval.metrics": ("kid",)})
-    run.check_enough_samples(config, feature_dim=64)  # no Frechet distance asked for
+        run.check_enough_images(64, "eval.num_samples", frechet, 64)
+    run.check_enough_images(65, "eval.num_samples", frechet, 64)
+    run.check_enough_images(8, "eval.num_samples", ("kid",), 64)  # no Frechet distance
+
+
+def test_too_few_samples_for_precision_recall_are_refused_with_the_options():
+    config = tiny_digits_config(**{"eval.num_samples": 3, "eval.metrics": ("precision_recall",)})
+    with pytest.raises(ValueError, match="eval.num_samples=3.*3 nearest.*at least 4"):
+        run.check_options(config)
+    config.eval.num_samples = 4
+    run.check_options(config)
+
+
+class FlatPixels:
+    """An extractor whose features are the pixels: shows which images were extracted."""
+
+    def features_and_logits(self, images):
+        flat = np.asarray(images).reshape(len(images), -1)
+        return flat, flat[:, :2]
+
+
+def test_reference_features_hold_every_image_of_the_split_once_in_order():
+    """1,500 digits training images in batches of 64: 1,472 in whole batches, the 28 left
+    from a padded last batch."""
+    config = tiny_digits_config(**{"eval.batch_size": 64})
+    features, logits = run.reference_features(config, FlatPixels())
+    whole = data.make_eval_dataset(config.data, split="train", seed=0, global_batch_size=1500)
+    (expected,) = [batch["x"].reshape(1500, -1) for batch in whole]
+    assert features.shape == (1500, 64) and logits.shape == (1500, 2)
+    np.testing.assert_array_equal(features, expected)
 
 
 def test_vlb_needs_a_discrete_process_and_images_need_inception_weights(tmp_path):
@@ -125,6 +151,7 @@ def test_eval_mode_end_to_end_and_checkpoint_mismatch(tmp_path):
     assert json.loads(path.read_text()) == json.loads(json.dumps(report))
     assert report["params"] == "ema_0.999" and report["step"] == 4
     assert report["extractor"]["name"] == "digits_classifier"
+    assert report["reference"] == {"split": "train", "num_images": 1500}
     assert [(s["num_steps"], s["eta"]) for s in report["samples"]] == [(4, 0.0)]
     for entry in report["samples"]:
         assert entry["num_samples"] == 72

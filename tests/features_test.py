@@ -75,5 +75,10 @@ def test_classifier_cache_and_reference_stats_cache(trained, tmp_path):
     other = features.DigitsExtractor(trained.params, name="another_space")
     with pytest.raises(ValueError, match="'digits_classifier'.*not 'another_space'"):
         features.cached_reference_stats(other, batches, cache_path=cache)
+    other_suffix = tmp_path / "digits_test.stats"  # np.savez(path) would write .stats.npz
+    features.cached_reference_stats(extractor, batches, cache_path=other_suffix)
+    assert other_suffix.is_file() and not (tmp_path / "digits_test.stats.npz").exists()
+    cached = features.cached_reference_stats(extractor, [], cache_path=other_suffix)
+    assert cached.count == 297
     with pytest.raises(FileNotFoundError, match="nothing.npz"):
         features.load_digits_classifier(tmp_path / "nothing.npz")

@@ -128,6 +128,11 @@ class DataIterator:
         """Number of batches per process (sys.maxsize // B for an endless stream)."""
         return len(self._batches)
 
+    @property
+    def num_examples(self) -> int:
+        """Examples in one pass over the split."""
+        return self._stream_identity["num_examples"]
+
     def _start_reading(self, batch_index: int):
         batches = self._batches[batch_index:].to_iter_dataset(
             grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
@@ -181,21 +186,31 @@ def make_dataset(
     process_count: int = 1,
     shuffle: bool = True,
     num_epochs: int | None = None,
+    pad_last_batch: bool = False,
 ) -> DataIterator:
     """This process's batches of `split`: G / P examples each, disjoint across processes.
 
     Random flips follow `data.random_flip`; labels `data.use_labels`. An endless stream
-    when `num_epochs` is None; otherwise `num_epochs` passes, cut to whole global batches.
+    when `num_epochs` is None; otherwise `num_epochs` passes, cut to whole global batches,
+    or, with `pad_last_batch`, completed to whole global batches by the examples that follow
+    in the stream (positions >= num_epochs * num_examples, for the caller to drop).
     """
     local_batch_size(global_batch_size, process_count)  # fail early, naming the option
     source = build_source(data_config, split=split)
+    length = None if num_epochs is None else num_epochs * len(source)
+    if pad_last_batch:
+        if length is None:
+            raise ValueError("pad_last_batch needs a finite stream (num_epochs)")
+        length = -(-length // global_batch_size) * global_batch_size
     stream = example_stream(
         source,
         seed=seed,
         shuffle=shuffle,
         random_flip=data_config.random_flip,
-        num_epochs=num_epochs,
+        num_epochs=None if length is None else -(-length // len(source)),
     )
+    if length is not None:
+        stream = stream[:length]
     batches = shard_and_batch(
         stream,
         global_batch_size=global_batch_size,
@@ -221,9 +236,15 @@ def make_dataset(
 
 
 def make_eval_dataset(
-    data_config: ml_collections.ConfigDict, *, split: str, seed: int, global_batch_size: int
+    data_config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    seed: int,
+    global_batch_size: int,
+    pad_last_batch: bool = False,
 ) -> DataIterator:
-    """One pass over `split` in order, unflipped, in this process's share of each batch."""
+    """One pass over `split` in order, unflipped, in this process's share of each batch:
+    whole batches only, or every example with `pad_last_batch` (see `make_dataset`)."""
     unflipped = copy.deepcopy(data_config)
     with unflipped.unlocked():
         unflipped.random_flip = False
@@ -236,4 +257,5 @@ def make_eval_dataset(
         process_count=jax.process_count(),
         shuffle=False,
         num_epochs=1,
+        pad_last_batch=pad_last_batch,
     )

@@ -72,10 +72,11 @@ class FeatureStats:
     def save_npz(self, path: str | os.PathLike) -> None:
         """Writes mu and sigma (pytorch-fid's key names) plus what resumes the stream."""
         mu, sigma = self.mean_cov()
-        np.savez(
-            path, mu=mu, sigma=sigma, count=self.count, scatter=self.scatter,
-            extractor=np.asarray(self.extractor),
-        )  # fmt: skip
+        with open(path, "wb") as file:  # np.savez(path) would append ".npz" to another suffix
+            np.savez(
+                file, mu=mu, sigma=sigma, count=self.count, scatter=self.scatter,
+                extractor=np.asarray(self.extractor),
+            )  # fmt: skip
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike) -> FeatureStats:

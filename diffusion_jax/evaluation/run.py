@@ -42,6 +42,7 @@ from diffusion_jax.evaluation import likelihood_eval, metrics
 
 EVAL_DIR = "eval"
 METRICS = ("frechet", "kid", "inception_score", "precision_recall")
+PRECISION_RECALL_NEIGHBOURS = 3  # k of Kynkaanniemi et al. 2019
 EXTRACTORS = ("auto", "digits", "inception")
 
 
@@ -68,17 +69,28 @@ def check_options(config: ml_collections.ConfigDict) -> None:
     samplers.get_sampler(evaluation.sampler)
     if evaluation.num_samples < 2:
         raise ValueError(f"eval.num_samples={evaluation.num_samples} must be >= 2")
+    check_enough_images(evaluation.num_samples, "eval.num_samples", config.eval.metrics)
     likelihood_eval.check_options(config)
 
 
-def check_enough_samples(config: ml_collections.ConfigDict, feature_dim: int) -> None:
-    """Before any sampling: a Frechet distance needs more samples than feature dimensions."""
-    if "frechet" in config.eval.metrics and config.eval.num_samples <= feature_dim:
+def check_enough_images(
+    count: int, what: str, wanted: tuple, feature_dim: int | None = None
+) -> None:
+    """Before any sampling: each metric's least number of images, of the samples or of the
+    reference split (`what` names which)."""
+    least_for_neighbours = PRECISION_RECALL_NEIGHBOURS + 1
+    if "precision_recall" in wanted and count < least_for_neighbours:
         raise ValueError(
-            f"eval.num_samples={config.eval.num_samples} but the Frechet distance needs more "
-            f"samples than the {feature_dim} feature dimensions (the covariance is singular "
-            f"and the estimate strongly biased): use at least {feature_dim + 1}, customarily "
-            "10,000 or 50,000, or drop 'frechet' from eval.metrics"
+            f"{what}={count}, but precision/recall needs each image's "
+            f"{PRECISION_RECALL_NEIGHBOURS} nearest neighbours among the others: use at least "
+            f"{least_for_neighbours}, or drop 'precision_recall' from eval.metrics"
+        )
+    if feature_dim is not None and "frechet" in wanted and count <= feature_dim:
+        raise ValueError(
+            f"{what}={count} but the Frechet distance needs more images than the {feature_dim} "
+            f"feature dimensions (the covariance is singular and the estimate strongly "
+            f"biased): use at least {feature_dim + 1}, customarily 10,000 or 50,000, or drop "
+            "'frechet' from eval.metrics"
         )
 
 
@@ -202,12 +214,14 @@ def extract_gathered(extractor, local: LocalImages) -> tuple[np.ndarray, np.ndar
 
 
 def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of `eval.reference_split` (unflipped, one pass, whole batches)."""
+    """Features and logits of every image of `eval.reference_split` (unflipped, in order; the
+    last batch is padded, and its padding dropped, as are the samples beyond eval.num_samples)."""
     iterator = data.make_eval_dataset(
         config.data,
         split=config.eval.reference_split,
         seed=config.eval.seed,
         global_batch_size=config.eval.batch_size,
+        pad_last_batch=True,
     )
     images, positions = [], []
     try:
@@ -223,9 +237,10 @@ def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
             )
     finally:
         iterator.close()
-    return extract_gathered(
+    features, logits = extract_gathered(
         extractor, LocalImages(np.concatenate(images), np.concatenate(positions))
     )
+    return features[: iterator.num_examples], logits[: iterator.num_examples]
 
 
 def sample_metrics(config, extractor, reference, samples) -> dict:
@@ -251,15 +266,21 @@ def sample_metrics(config, extractor, reference, samples) -> dict:
         score = metrics.inception_score(samples[1], num_splits=min(10, len(samples[1])))
         result["inception_score" if standard else "classifier_score"] = score._asdict()
     if "precision_recall" in wanted:
-        result.update(metrics.precision_recall(reference[0], samples[0])._asdict())
+        precision_recall = metrics.precision_recall(
+            reference[0], samples[0], k=PRECISION_RECALL_NEIGHBOURS
+        )
+        result.update(precision_recall._asdict())
     return result
 
 
 def evaluate_samples(config, workdir, model, params, mesh) -> dict:
     """{"extractor", "reference", "samples": [metrics of each sampler setting]}."""
     extractor = make_extractor(config, workdir)
-    check_enough_samples(config, extractor.feature_dim)
+    wanted, dim = config.eval.metrics, extractor.feature_dim
+    check_enough_images(config.eval.num_samples, "eval.num_samples", wanted, dim)
     reference = reference_features(config, extractor)
+    split = f"eval.reference_split={config.eval.reference_split!r}, images"
+    check_enough_images(len(reference[0]), split, wanted, dim)
     report = {
         "extractor": {"name": extractor.name, "feature_dim": extractor.feature_dim},
         "reference": {"split": config.eval.reference_split, "num_images": len(reference[0])},
