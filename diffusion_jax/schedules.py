@@ -136,13 +136,18 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspac
     "linspace": evenly spaced including both ends (Improved DDPM's respacing);
     "leading": 0, c, 2c, ... with c = T // K (DDIM, Stable Diffusion), shifted by offset 0;
     "trailing": T-1, T-1-c, ... counted from the end (Lin et al. 2024, Table 2).
+    One step is T-1 whatever the spacing: a single step from noise to the data.
     """
     _check_num_timesteps(num_timesteps)
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
         raise ValueError(
             f"num_steps must be an integer in [1, num_timesteps={num_timesteps}], got {num_steps!r}"
         )
-    if spacing == "linspace":
+    if spacing not in SPACINGS:
+        raise ValueError(f"Unknown timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
+    if num_steps == 1:
+        steps = np.asarray([num_timesteps - 1], np.int64)
+    elif spacing == "linspace":
         steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
     elif spacing == "leading":
         steps = np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
@@ -151,8 +156,6 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspac
         stride = num_timesteps / num_steps
         steps = np.round(np.arange(num_timesteps, 0, -stride)[:num_steps]).astype(np.int64)
         steps = steps[::-1] - 1
-    else:
-        raise ValueError(f"Unknown timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
     return steps
 
 

@@ -191,6 +191,57 @@ def test_nfe_counts():
     assert nfe("pc", 10, corrector_steps=2) == 30
 
 
+@pytest.mark.parametrize("num_steps, step_to_kinks", [(50, False), (50, True), (4, True)])
+def test_ode_nfe_is_the_number_of_network_calls(num_steps, step_to_kinks):
+    """Counted at run time: each step onto one of T=50's 48 kinks costs one more evaluation
+    (the stage shared with the next step is invalid after a jump)."""
+    process = process_lib.make_process("linear", 50)
+    schedule = noise_schedule.DiscreteSchedule(process)
+    exact = gaussian_mixture.exact_model_fn(
+        MIXTURE, lambda t: schedule.alpha_sigma(schedule.t_from_model_time(t)), "eps"
+    )
+    calls = []
+
+    def counting_fn(x, t, cond):
+        jax.debug.callback(lambda: calls.append(1))
+        return exact(x, t, cond)
+
+    sample = samplers.make_sampler(
+        "ode", schedule=process, num_steps=num_steps, step_to_kinks=step_to_kinks
+    )
+    _, info = run(sample, counting_fn, num=8)
+    jax.effects_barrier()
+    assert int(info["nfe"]) == len(calls)
+    assert int(info["num_steps"]) >= (49 if step_to_kinks else 1)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_one_step_goes_from_noise_to_the_denoised_mean(spacing):
+    """DDIM / DDPM with one step: x_0 = x0_hat(x_T) at t = T-1 (DDIM eq. 12 with alpha_prev =
+    1), for the mixture ~ its mean (alpha_T ~ 0.006 leaves x_T almost no information)."""
+    for name in ("ddim", "ddpm"):
+        sample = samplers.make_sampler(name, schedule=PROCESS, num_steps=1, spacing=spacing)
+        x, _ = run(sample, model_for("eps"), num=256)
+        mixture_mean = MIXTURE.weights @ MIXTURE.means
+        np.testing.assert_allclose(jnp.mean(x, axis=0), mixture_mean, atol=0.05)
+
+
+def test_flow_samplers_take_x0_predictions_to_the_data():
+    """Neither evaluates the network at t = 0, where sigma = 0 would make eps undefined."""
+    for name in ("flow_euler", "flow_heun"):
+        sample = samplers.make_sampler(name, schedule=FLOW, num_steps=200, prediction="x0")
+        x, _ = run(sample, model_for("x0", FLOW))
+        assert_reproduces_mixture(x, extra_variance=0.0)
+
+
+def test_guidance_without_a_condition_is_refused():
+    sample = samplers.make_sampler(
+        "ddim", schedule=PROCESS, num_steps=4, guidance_scale=3.0, null_cond=3
+    )
+    with pytest.raises(ValueError, match="cond is None"):
+        run(sample, model_for("eps"), num=4)
+
+
 @pytest.mark.parametrize(
     "name, options, message",
     [
@@ -205,6 +256,7 @@ def test_nfe_counts():
         ("ddpm", {"variance_type": "learned_small"}, "variance"),
         ("ddim", {"order": 2}, "allowed"),
         ("ode", {"solver": "rk4"}, "solver"),
+        ("ddim", {"num_steps": 2.0}, "num_steps"),
     ],
 )
 def test_bad_input_raises_value_error(name, options, message):
@@ -220,6 +272,10 @@ def test_impossible_combinations_name_what_is_allowed():
         samplers.make_sampler("ddim", schedule=VP_CONTINUOUS, num_steps=10)
     with pytest.raises(ValueError, match="log-SNR"):
         samplers.make_sampler("dpm_solver", schedule=FLOW, num_steps=10, prediction="velocity")
+    for name in ("flow_euler", "flow_heun"):  # log-SNR is infinite at t = 0 and t = 1
+        with pytest.raises(ValueError, match="log-SNR"):
+            samplers.make_sampler(name, schedule=FLOW, num_steps=10, time_spacing="log_snr")
+    samplers.make_sampler("ddim", schedule=PROCESS, num_steps=np.int64(10))
     zero_snr = process_lib.make_process("linear", 1000, zero_terminal_snr=True)
     with pytest.raises(ValueError, match="'eps'"):
         samplers.make_sampler("ddim", schedule=zero_snr, num_steps=10, prediction="eps")
@@ -249,7 +305,7 @@ def test_respaced_ddpm_uses_original_model_times():
 def test_ode_sampler_onto_a_discrete_schedules_steps_follows_the_exact_flow():
     """Gaussian data N(m, s^2 I): the probability-flow ODE is the affine map
     x_t = alpha_t m + (std_t / std_T) (x_T - alpha_T m), std_t^2 = alpha_t^2 s^2 + sigma_t^2.
-    Stepping over DDPM's kinks leaves ~1e-3 (577 NFE); landing on them, 5e-5 (5995 NFE)."""
+    Stepping over DDPM's kinks leaves ~1e-3 (577 NFE); landing on them, 5e-5 (6993 NFE)."""
     mean, std = jnp.asarray([0.3, -0.5]), 0.4
 
     def model_fn(x, model_t, cond=None):

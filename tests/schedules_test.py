@@ -127,6 +127,8 @@ def test_spacings_known_values():
     np.testing.assert_array_equal(
         schedules.spaced_timesteps(1000, 4, "linspace"), [0, 333, 666, 999]
     )
+    for spacing in schedules.SPACINGS:  # one step starts from the noise
+        np.testing.assert_array_equal(schedules.spaced_timesteps(1000, 1, spacing), [999])
 
 
 def test_respaced_betas_keep_alphas_cumprod_at_kept_steps():

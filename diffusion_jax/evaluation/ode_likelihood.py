@@ -129,7 +129,7 @@ def make_ode_log_likelihood_fn(
 
             return divergence_fn(velocity, state[0], probe)  # (dx/dt, dI/dt = div v)
 
-        (z, delta_log_prob), steps = ode.solve_adaptive(
+        (z, delta_log_prob), _, nfe = ode.solve_adaptive(
             augmented_field,
             (x, jnp.zeros((x.shape[0],), jnp.float32)),
             schedule=schedule,
@@ -139,7 +139,6 @@ def make_ode_log_likelihood_fn(
             **solve_options,
         )
         prior_log_prob = gaussian_prior_log_prob(z, sigma_prior)
-        nfe = ode.EVALUATIONS_PER_STEP[solver] * steps + 1
         return {
             "log_likelihood": prior_log_prob + delta_log_prob,
             "prior_log_prob": prior_log_prob,

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import parameterization
 from diffusion_jax.process import VARIANCE_TYPES, check_variance_type
@@ -91,7 +92,8 @@ def step_noise(rng: jax.Array, step: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray
 
 
 def check_num_steps(num_steps: Any, *, minimum: int, name: str) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < minimum:
+    is_integer = isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
+    if not is_integer or num_steps < minimum:
         raise ValueError(
             f"num_steps for sampler {name!r} must be an integer >= {minimum}, got {num_steps!r}"
         )

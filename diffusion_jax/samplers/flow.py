@@ -28,16 +28,18 @@ def make_flow_sampler(
 
     Heun (Karras et al. 2022, Algorithm 1) skips its correction where sigma(t_next) = 0, as the
     velocity there may need a division by sigma. NFE: num_steps (Euler) or 2 num_steps - 1
-    (Heun, ending at sigma = 0) else 2 num_steps.
+    (Heun, ending at sigma = 0) else 2 num_steps. Neither evaluates the network where sigma = 0,
+    so an x0-predicting network may end at the data.
     """
     name = "flow_heun" if heun else "flow_euler"
     common.check_num_steps(num_steps, minimum=1, name=name)
     common.check_choice(time_spacing, noise_schedule.TIME_SPACINGS, option="time_spacing")
     schedule = noise_schedule.as_noise_schedule(schedule)
+    if time_spacing == "log_snr":
+        common.check_finite_log_snr(schedule, name=name)
     alpha_first, _ = schedule.alpha_sigma(jnp.float32(schedule.t_max))
     _, sigma_last = schedule.alpha_sigma(jnp.float32(schedule.t_min))
-    check_sigma_last = float(sigma_last) if not heun else 1.0  # Euler never evaluates at t_min
-    common.check_prediction_at(prediction, float(alpha_first), check_sigma_last, name=name)
+    common.check_prediction_at(prediction, float(alpha_first), 1.0, name=name)
     x0_eps_fn = common.make_x0_eps_fn(
         prediction=prediction, variance_type=variance_type, clip_x0=clip_x0
     )

@@ -21,6 +21,11 @@ def classifier_free_guidance(
     """
 
     def guided_fn(x, t, cond):
+        if cond is None:
+            raise ValueError(
+                "classifier-free guidance needs a condition (e.g. class labels) to guide "
+                "towards: cond is None, so the guidance scale would change nothing"
+            )
         null = jax.tree.map(
             lambda c: jnp.broadcast_to(jnp.asarray(null_cond, c.dtype), c.shape), cond
         )

@@ -20,6 +20,15 @@ SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 EVALUATIONS_PER_STEP = {"tsit5": 6, "dopri5": 6}
 
 
+def count_evaluations(schedule, *, solver: str, steps, step_to_kinks: bool):
+    """Field evaluations of `solve_adaptive`'s `steps` attempted steps: EVALUATIONS_PER_STEP
+    each, +1 for the first step's first stage, +1 after each kink landed on (a step that ends
+    on a jump time invalidates the stage shared with the next step). Each rejected attempt at
+    the very first step also re-evaluates its first stage: those few are not counted."""
+    kinks = schedule.kink_times().size if step_to_kinks else 0
+    return EVALUATIONS_PER_STEP[solver] * steps + 1 + kinks
+
+
 def step_size_controller(schedule, *, rtol: float, atol: float, step_to_kinks: bool):
     """A PID controller with tolerances rtol and atol; with `step_to_kinks`, its steps also end
     exactly on the schedule's kinks (the steps of a discrete process, where the field's time
@@ -37,9 +46,10 @@ def step_size_controller(schedule, *, rtol: float, atol: float, step_to_kinks: b
 def solve_adaptive(
     field, y0, *, schedule, t0, t1, first_step, solver, rtol, atol, max_steps, step_to_kinks
 ):
-    """(y at t1, number of attempted steps) of dy/dt = field(t, y, args) by `solver`
-    (SOLVERS) from t0, with the controller of `step_size_controller`. Stepping onto kinks
-    takes at least one step per kink, so `max_steps` is raised to twice that if smaller."""
+    """(y at t1, number of attempted steps, field evaluations (`count_evaluations`)) of
+    dy/dt = field(t, y, args) by `solver` (SOLVERS) from t0, with the controller of
+    `step_size_controller`. Stepping onto kinks takes at least one step per kink, so
+    `max_steps` is raised to twice that if smaller."""
     if step_to_kinks:
         max_steps = max(max_steps, 2 * (schedule.kink_times().size + 1))
     solution = diffrax.diffeqsolve(
@@ -55,7 +65,11 @@ def solve_adaptive(
         max_steps=max_steps,
     )
     final = jax.tree.map(lambda leaf: leaf[-1], solution.ys)
-    return final, solution.stats["num_steps"]
+    steps = solution.stats["num_steps"]
+    evaluations = count_evaluations(
+        schedule, solver=solver, steps=steps, step_to_kinks=step_to_kinks
+    )
+    return final, steps, evaluations
 
 
 def make_ode_sampler(
@@ -75,8 +89,8 @@ def make_ode_sampler(
     """Adaptive solution of the probability-flow ODE; info holds "nfe" and "num_steps".
 
     num_steps sets the first step, (t_max - t_min) / num_steps; the controller then adapts it
-    (at most `max_steps` steps; `step_to_kinks`: see `step_size_controller`). NFE = 6
-    (accepted + rejected steps) + 1 (+1 if `denoise_final`, which returns x0_hat at t_min).
+    (at most `max_steps` steps; `step_to_kinks`: see `step_size_controller`). NFE: see
+    `count_evaluations` (+1 if `denoise_final`, which returns x0_hat at t_min).
     """
     common.check_num_steps(num_steps, minimum=1, name="ode")
     common.check_choice(solver, tuple(SOLVERS), option="ode solver")
@@ -102,7 +116,7 @@ def make_ode_sampler(
             return dalpha * x0 + dsigma * eps
 
         sigma_first = schedule.alpha_sigma(jnp.float32(schedule.t_max))[1]
-        x, steps = solve_adaptive(
+        x, steps, nfe = solve_adaptive(
             vector_field,
             sigma_first * noise,
             schedule=schedule,
@@ -111,7 +125,6 @@ def make_ode_sampler(
             first_step=-(schedule.t_max - schedule.t_min) / num_steps,
             **solve_options,
         )
-        nfe = EVALUATIONS_PER_STEP[solver] * steps + 1
         if denoise_final:
             t_min = jnp.float32(schedule.t_min)
             x = common.x0_eps_at(x0_eps_fn, schedule, model_fn, x, t_min, cond)[0]
