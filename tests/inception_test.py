@@ -193,3 +193,16 @@ def test_float_input_equals_its_uint8_quantization_and_compiles_once_per_dtype()
     compiled_before = features._inception_apply._cache_size()
     np.testing.assert_array_equal(extractor(uint8), extractor(floats))
     assert features._inception_apply._cache_size() - compiled_before == 2  # uint8, float32
+
+
+def test_every_product_runs_at_full_float32_precision():
+    """No one-pass bfloat16 (TPU) or TF32 (GPU) convolution: each of the 94 convolutions and
+    the logits' product asks for HIGHEST precision in the compiled program."""
+    flat = _random_flax_variables(seed=6)
+    variables = inception.unflatten_variables(flat)
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    text = features._inception_apply.lower(variables, images).as_text()
+    convolutions = text.count("stablehlo.convolution")
+    assert convolutions == 94
+    assert text.count("precision HIGHEST") >= 2 * convolutions
+    assert "precision DEFAULT" not in text

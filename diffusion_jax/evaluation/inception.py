@@ -42,6 +42,9 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 INCEPTION_SIZE = 299
 NUM_FEATURES = 2048
 NUM_LOGITS = 1008
+# Full float32 products: JAX's default runs float32 convolutions as one bfloat16 pass on TPUs
+# (TF32 on recent GPUs), which moves pool3 features by ~0.4%, more than FID's reporting allows.
+FEATURE_PRECISION = jax.lax.Precision.HIGHEST
 FORMAT_VERSION = 1
 _META_PREFIX = "meta/"
 
@@ -63,6 +66,7 @@ class BasicConv(nn.Module):
             strides=self.strides,
             padding=((pad_h, pad_h), (pad_w, pad_w)),
             use_bias=False,
+            precision=FEATURE_PRECISION,
             name="conv",
         )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
@@ -222,10 +226,11 @@ class FIDInceptionV3(nn.Module):
         x = InceptionE("avg", name="Mixed_7b")(x)
         x = InceptionE("max", name="Mixed_7c")(x)  # [B, 8, 8, 2048]
         pool3 = jnp.mean(x, axis=(1, 2))  # [B, 2048]
-        fc = nn.Dense(NUM_LOGITS, name="fc")
+        fc = nn.Dense(NUM_LOGITS, precision=FEATURE_PRECISION, name="fc")
         logits = fc(pool3)  # [B, 1008]
         if not self.logits_use_bias:
-            logits = jnp.dot(pool3, fc.variables["params"]["kernel"])
+            kernel = fc.variables["params"]["kernel"]
+            logits = jnp.dot(pool3, kernel, precision=FEATURE_PRECISION)
         return InceptionOutput(pool3=pool3, logits=logits)
 
 
