@@ -34,4 +34,5 @@ def get_config(size: str = ""):
     config.sampling.batch_size = 1000
     config.sampling.clip_x0 = False
     config.eval.decoder = "gaussian"
+    config.eval.num_bins = 0  # continuous points: no dequantization
     return default.finalize(config, size)

@@ -118,6 +118,13 @@ def make_diffusion_loss_fn(
             f"diffusion.variance_type={variance_type!r} is learned, so the loss must train it: "
             "diffusion.loss_type must be 'hybrid' or 'vlb', not 'simple'"
         )
+    if not learned and loss_type == "hybrid":
+        raise ValueError(
+            "diffusion.loss_type='hybrid' trains only a learned variance through its VLB term "
+            "(the mean sees it under a stop-gradient), so with "
+            f"diffusion.variance_type={variance_type!r} it would train as 'simple'; allowed: "
+            "variance_type 'learned' or 'learned_range' with 'hybrid', or loss_type 'simple'"
+        )
 
     def loss_fn(params, batch, rng, loss_history=None):
         x0 = batch["x"]

@@ -103,6 +103,17 @@ def test_reference_features_hold_every_image_of_the_split_once_in_order():
     np.testing.assert_array_equal(features, expected)
 
 
+def test_continuous_data_are_not_dequantized():
+    config = toy2d.get_config()
+    config.eval.likelihoods = ("ode",)
+    likelihood_eval.check_options(config)  # toy2d's default: num_bins=0
+    config.eval.num_bins = 256
+    with pytest.raises(ValueError, match="eval.num_bins=256.*eval.num_bins=0"):
+        likelihood_eval.check_options(config)
+    config.eval.num_bins = 0
+    likelihood_eval.check_options(config)
+
+
 def test_vlb_needs_a_discrete_process_and_images_need_inception_weights(tmp_path):
     config = toy2d.get_config()
     config.diffusion.loss_type = "flow_matching"

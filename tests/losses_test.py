@@ -266,3 +266,10 @@ def test_v_target_bound_is_finite_at_the_zero_snr_step():
     v = parameterization.from_x0_eps(x0, noise, 0.0, 1.0, "v")
     bits = vlb.vlb_term_bits(process, v, x0, x_t, t, prediction="v", variance_type="fixed_small")
     np.testing.assert_allclose(bits, 0.0, atol=1e-6)
+
+
+def test_hybrid_loss_without_a_learned_variance_is_refused(process):
+    """Its VLB term would have no gradient: the run would silently train L_simple."""
+    apply_fn = lambda params, x_t, network_time, label, rng: params * x_t
+    with pytest.raises(ValueError, match=r"'hybrid'.*variance_type='fixed_small'.*'learned'"):
+        losses.make_diffusion_loss_fn(process, apply_fn, loss_type="hybrid")

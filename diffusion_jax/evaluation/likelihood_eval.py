@@ -49,6 +49,12 @@ def check_options(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"eval.num_bins={evaluation.num_bins}; allowed: 0 (continuous data) or >= 2 levels"
         )
+    if "ode" in evaluation.likelihoods and evaluation.decoder == "gaussian" and evaluation.num_bins:
+        raise ValueError(
+            f"eval.num_bins={evaluation.num_bins} dequantizes discrete data, but "
+            "eval.decoder='gaussian' says the data are continuous: set eval.num_bins=0 for "
+            "the ODE likelihood of continuous data"
+        )
     if evaluation.ode_divergence not in ode_likelihood.DIVERGENCES:
         raise ValueError(
             f"eval.ode_divergence={evaluation.ode_divergence!r}; "
