@@ -37,6 +37,12 @@ def linear_betas(
     """
     _check_num_timesteps(num_timesteps)
     scale = 1000.0 / num_timesteps
+    if scale * beta_end >= 1.0:
+        raise ValueError(
+            f"diffusion.num_timesteps={num_timesteps} is too few for the linear schedule: "
+            f"scaled by 1000 / T its last beta is {scale * beta_end:g} (must be < 1); allowed: "
+            f"num_timesteps > {1000.0 * beta_end:g}, or another diffusion.schedule"
+        )
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 

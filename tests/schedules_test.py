@@ -190,7 +190,7 @@ def test_karras_sigmas_eq5():
     [
         (lambda: schedules.get_betas("linearr", 1000), "allowed"),
         (lambda: schedules.get_betas("linear", 0), "num_timesteps"),
-        (lambda: schedules.get_betas("linear", 10), r"\(0, 1\)"),  # 1000/T scaling gives beta > 1
+        (lambda: schedules.get_betas("linear", 10), r"num_timesteps=10 is too few"),
         (lambda: schedules.check_betas(np.array([0.1, 0.0, 0.2])), r"\(0, 1\)"),
         (lambda: schedules.check_betas(np.array([0.1, 1.2])), r"\(0, 1\)"),
         (lambda: schedules.spaced_timesteps(100, 101), "num_steps"),
@@ -201,3 +201,10 @@ def test_karras_sigmas_eq5():
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_too_few_steps_for_the_scaled_linear_schedule_are_named():
+    """1000 / T scaling makes the last beta 20 / T: T = 20 would be a zero-SNR end unasked."""
+    with pytest.raises(ValueError, match=r"num_timesteps=20 .*allowed: num_timesteps > 20"):
+        schedules.get_betas("linear", 20)
+    assert schedules.get_betas("linear", 21)[-1] == pytest.approx(20 / 21)
