@@ -205,7 +205,7 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
     count of the compiled step) and the parameter count."""
     model, tx, train_step = _train_step_parts(config, options)
     strategy = parallel.make_strategy(config.parallel)
-    parallel.check_batch_size(options.batch_size, strategy.num_devices)
+    parallel.check_batch_size(options.batch_size, strategy.num_devices, option="--batch_size")
     create = train.make_create_fn(config, model, tx)
     rng = jax.random.PRNGKey(options.seed)
     state = strategy.init_state(create, rng)

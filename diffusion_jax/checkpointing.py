@@ -8,8 +8,11 @@ intact. On restore:
 - a checkpoint whose parameters differ in names or shapes from the current model is
   refused with a `ValueError` that names the differences (the workdir belongs to another
   model); nothing is deleted;
-- a checkpoint that cannot be read is moved to `workdir/corrupted_checkpoints/<step>` with
-  a warning, and the previous one is tried.
+- a checkpoint that cannot be read is passed over for the previous one; once an older one
+  is restored, the newer unreadable ones are moved to `workdir/corrupted_checkpoints/<step>`
+  with a warning. If none can be read, nothing is moved and the error names each failure:
+  what fails on every checkpoint (device memory, storage) is not the checkpoints' fault, and
+  a run must not silently start again from step 0.
 
 Restoring uses the shardings of the current mesh, so a run can continue on another number
 of devices.
@@ -138,36 +141,52 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
     manager.reload()
 
 
+def _restore_step(manager: ocp.CheckpointManager, step: int, target) -> tuple[object, dict]:
+    _check_same_model(manager, step, target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["data"]
+
+
 def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict] | None:
     """(state, data iterator state) of the newest readable checkpoint, or None if there is none.
 
     `target` is the abstract state (`jax.ShapeDtypeStruct`s with the shardings to restore
-    onto).
+    onto). Raises RuntimeError, moving nothing, if no checkpoint can be read.
     """
+    failures = {}
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            _check_same_model(manager, step, target)
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-                ),
-            )
-        except ValueError as error:
-            if "belongs to a different model" in str(error):
+            restored = _restore_step(manager, step, target)
+        except Exception as error:  # noqa: BLE001  (judged below, against the older ones)
+            if isinstance(error, ValueError) and "belongs to a different model" in str(error):
                 raise
-            _warn_corrupted(manager, step, error)
+            logging.warning(
+                "Checkpoint %d in %s cannot be read: %r", step, manager.directory, error
+            )
+            failures[step] = error
             continue
-        except Exception as error:  # noqa: BLE001  (any read failure means a damaged checkpoint)
-            _warn_corrupted(manager, step, error)
-            continue
-        return restored["state"], restored["data"]
+        for unreadable, error in failures.items():
+            _set_aside_unreadable(manager, unreadable, error)
+        return restored
+    if failures:
+        listed = "; ".join(
+            f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures.items()
+        )
+        raise RuntimeError(
+            f"No checkpoint in {manager.directory} could be restored ({listed}). Nothing was "
+            f"moved: if they are damaged, move them away to start afresh."
+        )
     return None
 
 
-def _warn_corrupted(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+def _set_aside_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
     logging.warning(
-        "Checkpoint %d in %s cannot be read (%s: %s); moving it to %s and trying the previous one.",
+        "Checkpoint %d in %s could not be read (%s: %s) but an older one could; moving it to %s.",
         step,
         manager.directory,
         type(error).__name__,
@@ -182,13 +201,16 @@ class SigtermFlag:
 
     The training loop polls `requested`, saves a checkpoint and returns. Single-process runs
     only: multi-host runs use JAX's preemption sync point, so that all processes stop at the
-    same step. Restores the previous handler on `close`.
+    same step, and its service watches SIGTERM itself (`jax.distributed.initialize` installs
+    its handler, which a Python handler would replace). Restores the previous handler on
+    `close`.
     """
 
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        own_signal = jax.process_count() == 1
+        if own_signal and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:

@@ -4,7 +4,10 @@ Only process 0 writes files; every process prints its progress line (their losse
 they train one model on one global batch). TensorBoard event files are written by
 tensorboardX (no TensorFlow needed): `tensorboard --logdir WORKDIR`.
 `WORKDIR/metrics.jsonl` holds one JSON object per logged step, e.g.
-{"step": 100, "loss": 0.05, "img_per_s": 410.2}.
+{"step": 100, "loss": 0.05, "img_per_s": 410.2}. A run started from the checkpoint of step
+S (or from scratch, S = 0) first drops what a stopped run logged after S (rows of
+metrics.jsonl; TensorBoard's events through tensorboardX's `purge_step`), so each step is
+recorded once.
 """
 
 from __future__ import annotations
@@ -78,11 +81,33 @@ def progress_line(
     )
 
 
+def drop_rows_after(path: pathlib.Path, step: int) -> None:
+    """Rewrite a metrics.jsonl without its rows of steps after `step` (atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    partial = path.with_suffix(".jsonl.tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)
+
+
 class MetricsWriter:
     """Scalars to TensorBoard and metrics.jsonl, images to TensorBoard, progress to the console."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool, progress_bar: bool):
-        """`enabled`: write files (process 0); the progress line follows `progress_bar`."""
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        enabled: bool,
+        progress_bar: bool,
+        start_step: int | None = None,
+    ):
+        """`enabled`: write files (process 0); the progress line follows `progress_bar`;
+        `start_step`: the step a run starts from (its checkpoint's, or 0), whose later rows
+        a stopped run may have logged."""
         self.workdir = pathlib.Path(workdir)
         self.enabled = enabled
         self.progress_bar = progress_bar
@@ -92,7 +117,11 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._summary = SummaryWriter(str(self.workdir / "tensorboard"))
+            purge_step = None
+            if start_step is not None:
+                drop_rows_after(self.workdir / METRICS_FILE, start_step)
+                purge_step = start_step + 1
+            self._summary = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge_step)
             self._jsonl = open(self.workdir / METRICS_FILE, "a")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:

@@ -64,10 +64,12 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def check_batch_size(global_batch_size: int, num_devices: int) -> None:
+def check_batch_size(
+    global_batch_size: int, num_devices: int, *, option: str = "training.batch_size"
+) -> None:
     if global_batch_size < 1 or global_batch_size % num_devices:
         raise ValueError(
-            f"training.batch_size={global_batch_size} does not divide over the {num_devices} "
+            f"{option}={global_batch_size} does not divide over the {num_devices} "
             f"devices; allowed: a positive multiple of {num_devices}"
         )
 

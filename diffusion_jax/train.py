@@ -214,7 +214,8 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": lr_schedule(state.step),
+            # optax counts applied updates only: a skipped step does not advance the schedule
+            "learning_rate": lr_schedule(state.step - state.num_skipped),
             "finite": finite,
         }
         return new_state, metrics
@@ -297,11 +298,30 @@ def restore_or_init(
     return strategy.place_restored(state)
 
 
+def check_evaluation_data(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Before training: the periodic bits/dim evaluation has at least one whole batch of
+    `data.eval_split` that divides over the devices (not a failure eval_every steps in)."""
+    evaluation = config.eval
+    parallel.check_batch_size(evaluation.batch_size, num_devices, option="eval.batch_size")
+    data.local_batch_size(evaluation.batch_size, jax.process_count(), option="eval.batch_size")
+    if evaluation.num_batches < 1:
+        raise ValueError(f"eval.num_batches={evaluation.num_batches} must be >= 1")
+    num_examples = len(data.build_source(config.data, split=config.data.eval_split))
+    if num_examples < evaluation.batch_size:
+        raise ValueError(
+            f"data.eval_split={config.data.eval_split!r} has {num_examples} examples, fewer "
+            f"than one batch of eval.batch_size={evaluation.batch_size}; allowed: "
+            f"eval.batch_size <= {num_examples}, or training.eval_every=0"
+        )
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
     """Mesh, model, optimizer, data, checkpoint manager and the restored or fresh state."""
     workdir = pathlib.Path(workdir)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(config.training.batch_size, strategy.num_devices)
+    if config.training.eval_every > 0:
+        check_evaluation_data(config, strategy.num_devices)
     model, tx, lr_schedule = _build_model_and_optimizer(config)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.training.seed), 3)
     create_fn = make_create_fn(config, model, tx)
@@ -326,7 +346,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     )
     abstract = jax.eval_shape(create_fn, init_rng)
     writer = metrics_writer.MetricsWriter(
-        workdir, enabled=jax.process_index() == 0, progress_bar=config.training.progress_bar
+        workdir,
+        enabled=jax.process_index() == 0,
+        progress_bar=config.training.progress_bar,
+        start_step=int(strategy.checkpointable(state).step),
     )
     return Run(
         config=config,
@@ -384,7 +407,6 @@ def write_sample_grid(run: Run, step: int, *, final: bool = False) -> None:
 def evaluate_bits_per_dim(run: Run, step: int) -> float:
     """Mean bits/dim of the EMA model on `eval.num_batches` batches of `data.eval_split`."""
     config = run.config
-    parallel.check_batch_size(config.eval.batch_size, run.strategy.num_devices)
     iterator = data.make_eval_dataset(
         config.data,
         split=config.data.eval_split,
@@ -464,13 +486,14 @@ def _every(step: int, interval: int) -> bool:
 
 
 def _after_step(run: Run, step: int) -> None:
+    """Checkpoint first: a sample grid or an evaluation that fails loses no training."""
     training = run.config.training
+    if _every(step, training.checkpoint_every):
+        save_checkpoint(run, step)
     if _every(step, training.sample_every) and step < training.num_steps:
         write_sample_grid(run, step)
     if _every(step, training.eval_every):
         evaluate_bits_per_dim(run, step)
-    if _every(step, training.checkpoint_every):
-        save_checkpoint(run, step)
 
 
 def train_loop(run: Run) -> bool:

@@ -75,11 +75,29 @@ def test_corrupted_latest_falls_back_to_the_previous_with_a_warning(tmp_path, ca
         restored, data_state = checkpointing.restore_latest(manager, target)
     assert int(restored.step) == 1 and data_state["next_batch_index"] == 1
     np.testing.assert_array_equal(restored.params["dense"]["kernel"], np.full((8, 16), 1.0))
-    assert "Checkpoint 2" in caplog.text and "cannot be read" in caplog.text
+    assert "Checkpoint 2" in caplog.text and "could not be read" in caplog.text
     assert (tmp_path / "corrupted_checkpoints" / "2").is_dir()  # set aside, not deleted
     assert checkpointing.checkpoint_steps(tmp_path) == [1]
     _save(manager, _state(value=3.0), 2)  # the run can write step 2 again
     assert checkpointing.checkpoint_steps(tmp_path) == [1, 2]
+
+
+def test_a_failure_on_every_checkpoint_moves_none_and_names_each(tmp_path, monkeypatch):
+    """Device memory or storage failing on every read is not the checkpoints' fault: the
+    run stops with every error instead of setting them all aside and starting at step 0."""
+    manager = checkpointing.make_checkpoint_manager(tmp_path, keep=3)
+    _save(manager, _state(), 1)
+    _save(manager, _state(), 2)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 24 GiB")
+
+    monkeypatch.setattr(manager, "restore", out_of_memory)
+    expected = r"No checkpoint .*\(step 2: RuntimeError: RESOURCE_EXHAUSTED.*step 1: .*Nothing"
+    with pytest.raises(RuntimeError, match=expected):
+        checkpointing.restore_latest(manager, _target(_strategy(1), _state()))
+    assert checkpointing.checkpoint_steps(tmp_path) == [1, 2]
+    assert not (tmp_path / "corrupted_checkpoints").exists()
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
@@ -101,6 +119,16 @@ def test_non_finite_state_is_never_saved(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite values in .*\bparams\.dense\.kernel"):
         _save(manager, _state(value=float("nan")), 1)
     assert checkpointing.checkpoint_steps(tmp_path) == []
+
+
+def test_sigterm_is_left_to_jax_when_several_processes_run(monkeypatch):
+    """jax.distributed's preemption service watches SIGTERM on a multi-host run: a Python
+    handler would replace its handler, and no process would ever reach the sync point."""
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    flag = checkpointing.SigtermFlag()
+    assert signal.getsignal(signal.SIGTERM) is before
+    flag.close()
 
 
 def test_sigterm_sets_the_flag_instead_of_killing():

@@ -118,6 +118,25 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     np.testing.assert_allclose(float(schedule(110)), peak * 0.1, rtol=1e-5)
 
 
+def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
+    """optax's schedule counts applied updates: after 2 skipped steps, step 4 applies the
+    rate of the 2nd update, and that is what is logged."""
+    schedule = optax.linear_schedule(0.0, 1.0, transition_steps=10)
+    tx = optax.sgd(schedule)
+    step_fn = jax.jit(train.make_train_step(_quadratic_loss, tx, schedule, ema_decays=(0.5,)))
+    state = train_state.create_train_state({"w": jnp.zeros(2)}, tx, num_ema=1)
+    rng, ones = jax.random.key(0), jnp.ones((4, 2), jnp.float32)
+    logged = []
+    for x in (jnp.full_like(ones, jnp.nan), jnp.full_like(ones, jnp.nan), ones, ones):
+        w_before = state.params["w"]
+        state, metrics = step_fn(state, {"x": x}, rng)
+        logged.append(float(metrics["learning_rate"]))
+        if bool(metrics["finite"]):  # sgd: w -= lr * 2 (w - 1)
+            applied = float((state.params["w"] - w_before)[0] / (2.0 * (1.0 - w_before[0])))
+            np.testing.assert_allclose(logged[-1], applied, rtol=1e-6)
+    np.testing.assert_allclose(logged, [0.0, 0.0, 0.0, 0.1], atol=1e-7)
+
+
 def _metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -262,6 +281,61 @@ def test_inconsistent_sections_are_named():
     config = _override(digits.get_config("tiny"), diffusion={"variance_type": "learned_range"})
     with pytest.raises(ValueError, match="model.learn_sigma=True"):
         train.train_and_evaluate(config, "/tmp/unused")
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [
+        ({"batch_size": 12}, r"eval.batch_size=12 does not divide over the 8 devices"),
+        ({"num_batches": 0}, r"eval.num_batches=0 must be >= 1"),
+        ({"batch_size": 512}, r"data.eval_split='test' has 297 examples.*eval.batch_size=512"),
+    ],
+)
+def test_evaluation_settings_are_checked_before_the_first_step(tmp_path, evaluation, message):
+    config = _override(digits.get_config("tiny"), training={"eval_every": 2}, eval=evaluation)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists() or not _metrics(tmp_path)
+
+
+def test_a_failing_evaluation_loses_no_checkpoint(tmp_path, monkeypatch):
+    config = _override(
+        digits.get_config("tiny"),
+        training={"num_steps": 4, "eval_every": 2, "checkpoint_every": 2},
+        sampling={"num_steps": 2, "num_images": 4},
+    )
+
+    def failing_evaluation(run, step):
+        raise OSError("the evaluation data went away")
+
+    monkeypatch.setattr(train, "evaluate_bits_per_dim", failing_evaluation)
+    with pytest.raises(OSError, match="went away"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert checkpointing.checkpoint_steps(tmp_path) == [2]
+
+
+def test_a_resumed_run_records_each_step_once(tmp_path, monkeypatch):
+    """Stopped at step 3 with the checkpoint of step 2, then resumed: metrics.jsonl holds
+    steps 1..4 once each (step 3 of the stopped run is dropped, then logged again)."""
+    config = _override(
+        digits.get_config("tiny"),
+        training={"num_steps": 4, "log_every": 1, "checkpoint_every": 2},
+        sampling={"num_steps": 2, "num_images": 4},
+    )
+    original = train._after_step
+
+    def crash_at_step_3(run, step):
+        original(run, step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_after_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert [row["step"] for row in _metrics(tmp_path)] == [1, 2, 3]
+    monkeypatch.setattr(train, "_after_step", original)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert [row["step"] for row in _metrics(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_bits_per_dim_is_evaluated_every_eval_every_steps(tmp_path):

@@ -31,11 +31,13 @@ _READ_THREADS = 4
 _PREFETCH_BATCHES = 8
 
 
-def local_batch_size(global_batch_size: int, process_count: int) -> int:
+def local_batch_size(
+    global_batch_size: int, process_count: int, *, option: str = "training.batch_size"
+) -> int:
     """Examples per batch on each process: the global batch split evenly across processes."""
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
-            f"training.batch_size={global_batch_size} must be a positive multiple of the "
+            f"{option}={global_batch_size} must be a positive multiple of the "
             f"number of processes ({process_count}); allowed: multiples of {process_count}"
         )
     return global_batch_size // process_count
@@ -245,6 +247,7 @@ def make_eval_dataset(
 ) -> DataIterator:
     """One pass over `split` in order, unflipped, in this process's share of each batch:
     whole batches only, or every example with `pad_last_batch` (see `make_dataset`)."""
+    local_batch_size(global_batch_size, jax.process_count(), option="eval.batch_size")
     unflipped = copy.deepcopy(data_config)
     with unflipped.unlocked():
         unflipped.random_flip = False
