@@ -7,12 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.spatial import cKDTree
 from sklearn.datasets import load_digits
 
 from diffusion_jax import data
-from diffusion_jax.data import digits, toy2d
+from diffusion_jax.data import digits, folder, toy2d
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -370,6 +370,88 @@ def test_folder_with_an_unreadable_file_names_it(tmp_path):
             seed=0,
             global_batch_size=2,
         )
+
+
+def test_folder_16_bit_grey_png_keeps_the_high_byte_not_a_saturated_clip(tmp_path):
+    gradient = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value
+    Image.fromarray(gradient).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode in ("I;16", "I")  # "I" in older Pillow
+    expected = (gradient >> 8).astype(np.uint8)  # 0..65535 -> 0..255, 256 values per level
+    for num_channels in (1, 3):
+        image = folder.read_image(tmp_path / "grey16.png", size=256, num_channels=num_channels)
+        assert image.dtype == np.uint8 and image.shape == (256, 256, num_channels)
+        np.testing.assert_array_equal(image, np.repeat(expected[..., None], num_channels, -1))
+
+
+def test_folder_16_bit_modes_rescale_and_unknown_ranges_name_the_file_and_mode(tmp_path):
+    values = np.array([[0, 255, 256, 32768, 65279, 65535]], np.uint16)
+    expected = [[0, 0, 1, 128, 254, 255]]
+    big_endian = Image.frombytes("I;16B", (6, 1), values.astype(">u2").tobytes())
+    little_endian = Image.frombytes("I;16L", (6, 1), values.astype("<u2").tobytes())
+    as_int32 = Image.fromarray(values.astype(np.int32))  # how older Pillow opens 16-bit PNGs
+    for pil_image, file_format in ((big_endian, None), (little_endian, None), (as_int32, "PNG")):
+        eight_bits = folder._to_8_bits(pil_image, file_format=file_format)
+        assert eight_bits.mode == "L"
+        np.testing.assert_array_equal(np.asarray(eight_bits), expected)
+    # 32-bit integers and floats (TIFF content under a .png name) have no known range.
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "int32.png", format="TIFF")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "float.png", format="TIFF")
+    for name, mode in (("int32.png", "'I'"), ("float.png", "'F'")):
+        with pytest.raises(ValueError, match=f"{name}.*{mode}"):
+            folder.read_image(tmp_path / name, size=8, num_channels=3)
+
+
+def _save_with_orientation(path: pathlib.Path, image: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    Image.fromarray(image).save(path, exif=exif.tobytes(), quality=95)
+
+
+# EXIF orientation -> counter-clockwise quarter turns that make the stored pixels upright.
+@pytest.mark.parametrize(("orientation", "quarter_turns"), [(3, 2), (6, -1), (8, 1)])
+def test_folder_applies_exif_orientation_as_viewers_show_it(tmp_path, orientation, quarter_turns):
+    stored = np.random.default_rng(orientation).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    _save_with_orientation(tmp_path / "photo.png", stored, orientation)  # PNG: lossless
+    image = folder.read_image(tmp_path / "photo.png", size=8, num_channels=3)
+    np.testing.assert_array_equal(image, np.rot90(stored, quarter_turns))
+    with Image.open(tmp_path / "photo.png") as opened:
+        np.testing.assert_array_equal(image, np.asarray(ImageOps.exif_transpose(opened)))
+
+
+def test_folder_jpeg_with_exif_orientation_reads_as_its_exif_transpose(tmp_path):
+    stored = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 tall: left half black, right white
+    stored[:, 8:] = 255
+    _save_with_orientation(tmp_path / "phone.jpg", stored, 6)  # viewers turn it 90 degrees CW
+    image = folder.read_image(tmp_path / "phone.jpg", size=8, num_channels=3)
+    with Image.open(tmp_path / "phone.jpg") as opened:
+        upright = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    assert upright.shape == (16, 8, 3)
+    np.testing.assert_array_equal(image, upright[4:12])  # same decode, central square
+    assert image[:4].max() < 20 and image[4:].min() > 235  # black above white: upright
+
+
+def test_folder_skips_hidden_files_and_macos_metadata(tmp_path):
+    root = tmp_path / ".datasets" / "photos"  # a hidden folder_path itself is fine
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    _write_image(root / "cat" / "a.png", grey)
+    _write_image(root / "dog" / "b.png", grey + 50)
+    (root / "._top.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # top level: no labels
+    (root / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # unreadable
+    _write_image(root / "__MACOSX" / "cat" / "a.png", grey)
+    _write_image(root / ".ipynb_checkpoints" / "b.png", grey)
+    _write_image(root / "dog" / ".thumbnails" / "c.png", grey)
+    assert folder.list_images(root) == [root / "cat" / "a.png", root / "dog" / "b.png"]
+    config = _config(
+        name="folder", folder_path=str(root), image_size=8, num_channels=3, num_classes=2
+    )
+    assert data.dataset_info(config) == data.DatasetInfo((8, 8, 3), 2, 2)
+    iterator = data.make_dataset(
+        config, split="train", seed=0, global_batch_size=2, shuffle=False, num_epochs=1
+    )
+    (batch,) = list(iterator)
+    np.testing.assert_array_equal(batch["label"], [0, 1])
+    np.testing.assert_array_equal(batch["x"][1], _model_range(grey + 50))
 
 
 # ---------------------------------------------------------------- TFDS

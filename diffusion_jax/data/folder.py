@@ -6,33 +6,85 @@ is its top-level subfolder, classes numbered in sorted order of the subfolder na
 (the folder has labels only when every image lies in such a subfolder).
 The folder is one split, named "train". Files are read lazily; an unreadable file raises
 a ValueError naming it when it is reached.
+
+Files that are not images of the data set are skipped (so they never make a class): hidden
+files and folders (names starting with ".", e.g. macOS `._name.png` AppleDouble files or
+`.ipynb_checkpoints/`) and anything under `__MACOSX/`; a hidden `data.folder_path` is fine.
+
+Decoding: an EXIF Orientation tag is applied first (`PIL.ImageOps.exif_transpose`), so phone
+photographs come out upright as viewers show them. 16-bit grey PNGs (PIL modes "I;16",
+"I;16B", "I;16L", "I;16N", or "I" as older Pillow opens them) keep their high byte
+(value >> 8, so 0..65535 -> 0..255), as Pillow itself does for 16-bit colour PNGs; other 32-bit
+integer ("I") and float ("F") images raise a ValueError, as their range is unknown. Alpha is
+dropped, not composited: a transparent pixel keeps whatever colour it stores (often black).
 """
 
 import pathlib
 
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_jax.data import image_ops
 from diffusion_jax.data.sources import DataSource, check_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PIL_MODES = {1: "L", 3: "RGB"}
+# PIL modes of 16-bit unsigned grey images.
+_UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _is_skipped(relative: pathlib.Path) -> bool:
+    """Whether a path below the folder is hidden (".name", e.g. "._x.png") or in __MACOSX/."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
 def list_images(root: pathlib.Path) -> list[pathlib.Path]:
-    """All PNG/JPEG files under `root`, recursively, in sorted (deterministic) order."""
+    """All PNG/JPEG files under `root`, recursively, in sorted (deterministic) order.
+
+    Hidden files and folders and `__MACOSX/` are skipped (see the module docstring).
+    """
     return sorted(
-        path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not _is_skipped(path.relative_to(root))
+        and path.is_file()
     )
 
 
+def _to_8_bits(pil_image: Image.Image, *, file_format: str | None) -> Image.Image:
+    """`pil_image` with 16-bit grey made 8-bit "L" by value >> 8; other 8-bit modes unchanged.
+
+    Mode "I" is 16-bit grey only when read from a PNG (older Pillow); otherwise, and for mode
+    "F", the range is unknown: ValueError naming the mode (`read_image` adds the file).
+    """
+    mode = pil_image.mode
+    if mode not in _UINT16_MODES and mode not in ("I", "F"):
+        return pil_image
+    values = np.asarray(pil_image)
+    is_uint16 = mode in _UINT16_MODES or (
+        mode == "I" and file_format == "PNG" and values.min() >= 0 and values.max() <= 65535
+    )
+    if not is_uint16:
+        raise ValueError(
+            f"PIL mode {mode!r} has no known range to rescale to 8 bits; allowed: 8-bit "
+            f"images and 16-bit grey PNGs (modes {', '.join(_UINT16_MODES)})"
+        )
+    return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8))
+
+
 def read_image(path: pathlib.Path, *, size: int, num_channels: int) -> np.ndarray:
-    """uint8 [size, size, C] from an image file; ValueError naming the file if unreadable."""
+    """uint8 [size, size, C] from an image file; ValueError naming the file if unreadable.
+
+    EXIF orientation is applied, 16-bit grey is reduced to its high byte, alpha is dropped.
+    """
     try:
         with Image.open(path) as pil_image:
-            image = np.asarray(pil_image.convert(_PIL_MODES[num_channels]))
+            file_format = pil_image.format
+            upright = ImageOps.exif_transpose(pil_image)
+            eight_bits = _to_8_bits(upright, file_format=file_format)
+            image = np.asarray(eight_bits.convert(_PIL_MODES[num_channels]))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image file {path}: {error}") from error
     image = image.reshape(image.shape[0], image.shape[1], num_channels)
@@ -66,7 +118,10 @@ def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSour
     root = pathlib.Path(data_config.folder_path)
     paths = list_images(root)
     if not paths:
-        raise ValueError(f"data.folder_path={str(root)!r} holds no {IMAGE_SUFFIXES} files")
+        raise ValueError(
+            f"data.folder_path={str(root)!r} holds no {IMAGE_SUFFIXES} files "
+            "(hidden ones and __MACOSX/ are skipped)"
+        )
     # Labels exist when every image lies in a top-level subfolder (its class).
     relative_parts = [path.relative_to(root).parts for path in paths]
     has_labels = all(len(parts) > 1 for parts in relative_parts)
