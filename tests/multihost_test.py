@@ -7,13 +7,17 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
+
+from diffusion_jax import checkpointing
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS_IN_LINE = re.compile(r"^step (\d+)/\d+ .* loss ([-+0-9.eE]+|nan)", re.MULTILINE)
@@ -141,3 +145,58 @@ def _numbers(samples: list[dict]) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[key] = value
     return flat
+
+
+def _wait_for_a_checkpoint(processes, workdir, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not checkpointing.checkpoint_steps(workdir):
+        running = all(process.poll() is None for process in processes)
+        assert running and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(tmp_path):
+    """Preemption of a multi-host run: SIGTERM to every process, as a pod's scheduler sends
+    it, reaches JAX's preemption sync point; both save the checkpoint of one common step and
+    exit 0 (a Python SIGTERM handler in each process would hide the signal from JAX)."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [open(tmp_path / f"process_{i}.log", "w") for i in (0, 1)]  # noqa: SIM115
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "diffusion_jax.main",
+                "--config=configs/toy2d.py:tiny",
+                f"--workdir={tmp_path / 'run'}",
+                "--config.training.num_steps=1000000",
+                "--config.training.checkpoint_every=100",
+                "--config.training.log_every=100",
+                f"--config.parallel.coordinator_address={address}",
+                "--config.parallel.num_processes=2",
+                f"--config.parallel.process_id={i}",
+            ],
+            cwd=REPO_ROOT,
+            env=_environment(1),
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    try:
+        _wait_for_a_checkpoint(processes, tmp_path / "run")
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        for log in logs:
+            log.close()
+    outputs = [(tmp_path / f"process_{i}.log").read_text() for i in (0, 1)]
+    assert codes == [0, 0], outputs[0][-3000:]
+    stopped = [re.findall(r"Stopped at step (\d+) for preemption", text) for text in outputs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, outputs[0][-3000:]
+    assert checkpointing.checkpoint_steps(tmp_path / "run")[-1] == int(stopped[0][0])
