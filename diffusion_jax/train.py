@@ -447,10 +447,11 @@ def log_metrics(run: Run, step: int, pending: list[dict], throughput: Throughput
     host = jax.device_get(pending)
     finite = np.array([m["finite"] for m in host])
     losses_ = np.array([m["loss"] for m in host])
+    grad_norms = np.array([m["grad_norm"] for m in host])
     img_per_s, steps_per_s = throughput.update(step, run.config.training.batch_size)
-    scalars = {
+    scalars = {  # loss and gradient norm of the applied (finite) steps only
         "loss": float(np.mean(losses_[finite])) if finite.any() else float("nan"),
-        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "grad_norm": float(np.mean(grad_norms[finite])) if finite.any() else float("nan"),
         "learning_rate": float(host[-1]["learning_rate"]),
         "skipped_updates": int(np.sum(~finite)),
         "img_per_s": img_per_s,

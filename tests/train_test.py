@@ -137,6 +137,26 @@ def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
     np.testing.assert_allclose(logged, [0.0, 0.0, 0.0, 0.1], atol=1e-7)
 
 
+def test_logged_loss_and_gradient_norm_average_the_applied_steps(tmp_path):
+    """A skipped (non-finite) step counts in skipped_updates, not in the window's means."""
+    import types
+
+    from diffusion_jax import metrics_writer
+
+    run = types.SimpleNamespace(
+        config=digits.get_config("tiny"),
+        writer=metrics_writer.MetricsWriter(tmp_path, enabled=False, progress_bar=False),
+    )
+    nan = float("nan")
+    pending = [
+        {"finite": True, "loss": 1.0, "grad_norm": 2.0, "learning_rate": 0.1},
+        {"finite": False, "loss": nan, "grad_norm": nan, "learning_rate": 0.1},
+        {"finite": True, "loss": 3.0, "grad_norm": 4.0, "learning_rate": 0.1},
+    ]
+    scalars = train.log_metrics(run, 3, pending, train.Throughput(0))
+    assert (scalars["loss"], scalars["grad_norm"], scalars["skipped_updates"]) == (2.0, 3.0, 1)
+
+
 def _metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
