@@ -99,6 +99,33 @@ def check_model_matches_data(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_label(label, num_classes: int) -> None:
+    """-1 (every class in turn) or one of the model's classes; only -1 if it has none."""
+    if num_classes == 0 and label != -1:
+        raise ValueError(
+            f"sampling.label={label} but model.num_classes=0 (an unconditional model); allowed: -1"
+        )
+    if not -1 <= label < num_classes:
+        raise ValueError(
+            f"sampling.label={label}; allowed: -1 (cycle through the classes) or "
+            f"0..{num_classes - 1} (one of the model.num_classes={num_classes} classes)"
+        )
+
+
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The `sampling` options: image counts, the class label, guidance of a conditional model."""
+    sampling, num_classes = config.sampling, config.model.num_classes
+    _check_positive(sampling.num_images, "sampling.num_images")
+    _check_positive(sampling.batch_size, "sampling.batch_size")
+    _check_label(sampling.label, num_classes)
+    guidance = sampling.guidance_scale
+    if num_classes == 0 and guidance is not None and guidance != 1.0:
+        raise ValueError(
+            f"sampling.guidance_scale={guidance}: classifier-free guidance needs a "
+            "class-conditional model, but model.num_classes=0; allowed: 1.0 (no guidance)"
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a ValueError naming the first inconsistent option of a run config."""
     _check_choice(config.parallel.strategy, parallel.STRATEGIES, "parallel.strategy")
@@ -108,3 +135,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_training(config)
     check_diffusion(config)
     check_model_matches_data(config)
+    check_sampling(config)

@@ -1,17 +1,19 @@
 """Drawing samples from a trained network with the sampler of `config.sampling`.
 
-`make_generate_fn(config, model)` returns a pure `generate(params, rng) -> x [N, ...]`; it
-reads the network the way its loss trained it:
+`make_generate_fn(config, model)` returns a pure `generate(params, rng, offset=0) -> x [N, ...]`,
+images offset, ..., offset + N - 1 of a run; it reads the network the way its loss trained it:
 - discrete process ("simple", "hybrid", "vlb"): the `DiffusionProcess`, prediction
   `diffusion.target`, variance `diffusion.variance_type`;
 - "flow_matching": the rectified-flow schedule, a velocity prediction at t * flow_time_scale;
 - "edm": the VE schedule sigma(t) in [edm_sigma_min, edm_sigma_max], the network wrapped in
   the preconditioned denoiser D(x; sigma) of Karras et al. 2022 (Eq. 7), an x0 prediction.
-Class-conditional models sample labels `sampling.label` (or all classes in turn) with
-classifier-free guidance `sampling.guidance_scale` (Ho & Salimans 2022).
+Class-conditional models sample the class `sampling.label`, or for -1 all K classes in turn
+(the n-th image of a run, over all its batches, has label n % K), with classifier-free
+guidance `sampling.guidance_scale` (Ho & Salimans 2022).
 
 `sample(config, workdir)` is the `--mode=sample` entry: it restores the latest checkpoint
-and writes `workdir/samples/sample_<step>.npz` and a PNG of them.
+and writes `workdir/samples/sample_<step>.npz` ("samples" and, for a class-conditional
+model, "labels") and a PNG of them.
 """
 
 from __future__ import annotations
@@ -102,30 +104,48 @@ def _sampler(config: ml_collections.ConfigDict, schedule, prediction: str):
     )
 
 
-def sample_labels(config: ml_collections.ConfigDict, count: int) -> jnp.ndarray | None:
-    """Labels of `count` conditional samples: `sampling.label`, or 0, 1, ..., K-1, 0, ..."""
+def sample_labels(config: ml_collections.ConfigDict, count: int, offset=0) -> jnp.ndarray | None:
+    """Labels of images offset, ..., offset + count - 1 of a run: `sampling.label`, or image
+    n's n % K (0, 1, ..., K-1, 0, ... across batches). `offset` may be traced."""
     num_classes = config.model.num_classes
     if num_classes == 0:
         return None
     if config.sampling.label >= 0:
         return jnp.full((count,), config.sampling.label, jnp.int32)
-    return jnp.arange(count, dtype=jnp.int32) % num_classes
+    return (offset + jnp.arange(count, dtype=jnp.int32)) % num_classes
 
 
 def make_generate_fn(config: ml_collections.ConfigDict, model, *, count: int) -> Callable:
-    """`generate(params, rng) -> x [count, ...]` with the configured sampler (jit it)."""
+    """`generate(params, rng, offset=0) -> x [count, ...]` with the configured sampler (jit
+    it): images offset, ..., offset + count - 1 of a run. Pass `offset` as an array, so that
+    one compiled program serves every batch."""
     schedule, prediction = sampling_schedule(config.diffusion)
     sample = _sampler(config, schedule, prediction)
     shape = (count, *models.sample_shape(config.model))
-    labels = sample_labels(config, count)
 
-    def generate(params, rng):
+    def generate(params, rng, offset=0):
         noise_rng, sample_rng = jax.random.split(rng)
         noise = jax.random.normal(noise_rng, shape, jnp.float32)
+        labels = sample_labels(config, count, offset)
         x0, _ = sample(model_fn_of(config, model, params, schedule), noise, sample_rng, labels)
         return x0
 
     return generate
+
+
+def draw_samples(config: ml_collections.ConfigDict, generate: Callable, params):
+    """(samples, labels): `sampling.num_images` images of `generate` in batches of
+    `sampling.batch_size`, each batch told its offset (image n's label is n % K: classes
+    balanced across batches); labels None for an unconditional model."""
+    count, batch_size = config.sampling.num_images, config.sampling.batch_size
+    rng = jax.random.key(config.sampling.seed)
+    batches = []
+    for index in range(-(-count // batch_size)):
+        offset = jnp.asarray(index * batch_size, jnp.int32)
+        batch = generate(params, jax.random.fold_in(rng, index), offset)
+        batches.append(np.asarray(jax.device_get(batch)))
+    labels = sample_labels(config, count)
+    return np.concatenate(batches)[:count], None if labels is None else np.asarray(labels)
 
 
 def write_samples(
@@ -154,14 +174,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
         jax.jit(make_generate_fn(config, model, count=config.sampling.batch_size)),
         "generate",
     )
-    rng = jax.random.key(config.sampling.seed)
-    batches = []
-    for index in range(-(-config.sampling.num_images // config.sampling.batch_size)):
-        batches.append(np.asarray(jax.device_get(generate(params, jax.random.fold_in(rng, index)))))
-    samples = np.concatenate(batches)[: config.sampling.num_images]
+    samples, labels = draw_samples(config, generate, params)
     directory = pathlib.Path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / f"sample_{step}.npz", samples=samples)
+    arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
+    np.savez(directory / f"sample_{step}.npz", **arrays)
     path = write_samples(directory, f"sample_{step}", samples)
     logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
     return path

@@ -86,3 +86,36 @@ def test_zero_terminal_snr_with_eps_target_is_named():
     with config.unlocked():
         config.diffusion.target = "v"
     config_validation.validate(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value", "message"),
+    [
+        ("cifar10_cond", "label", 10, r"sampling.label=10; allowed: -1 \(cycle .*\) or 0..9"),
+        ("cifar10_cond", "label", 99, r"sampling.label=99; allowed: -1 \(cycle .*\) or 0..9"),
+        ("cifar10_cond", "label", -5, r"sampling.label=-5; allowed: -1 \(cycle .*\) or 0..9"),
+        ("cifar10", "label", 0, r"sampling.label=0 but model.num_classes=0.*allowed: -1"),
+        ("cifar10", "guidance_scale", 2.0, r"sampling.guidance_scale=2.0.*allowed: 1.0"),
+        ("cifar10", "guidance_scale", 0.0, r"sampling.guidance_scale=0.0.*allowed: 1.0"),
+        ("cifar10_cond", "num_images", 0, r"sampling.num_images=0 must be >= 1"),
+        ("cifar10", "batch_size", 0, r"sampling.batch_size=0 must be >= 1"),
+        ("cifar10_cond", "batch_size", -3, r"sampling.batch_size=-3 must be >= 1"),
+    ],
+)
+def test_bad_sampling_options_are_named(name, key, value, message):
+    config = importlib.import_module(f"configs.{name}").get_config("tiny")
+    config.sampling[key] = value
+    with pytest.raises(ValueError, match=message):
+        config_validation.validate(config)
+
+
+def test_sampling_labels_of_every_class_and_no_guidance_are_accepted():
+    from configs import cifar10, cifar10_cond
+
+    conditional = cifar10_cond.get_config("tiny")
+    for label in (-1, 0, 9):
+        conditional.sampling.label = label
+        config_validation.validate(conditional)
+    unconditional = cifar10.get_config("tiny")
+    assert unconditional.sampling.guidance_scale == 1.0  # the default: no guidance
+    config_validation.validate(unconditional)

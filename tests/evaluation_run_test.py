@@ -179,3 +179,36 @@ def test_eval_mode_end_to_end_and_checkpoint_mismatch(tmp_path):
     wider.model.ch = 2 * config.model.ch
     with pytest.raises(ValueError, match="different model"):
         run.evaluate(wider, str(tmp_path))
+
+
+class LabelRecorder:
+    """A network of output 0 that records the class labels of each call (the first half of
+    a guided call's batch; its second half is the null label)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.seen = batch_size, []
+
+    def apply(self, variables, x, t, *, label, train, rngs):
+        jax.debug.callback(lambda labels: self.seen.append(tuple(labels[: self.batch_size])), label)
+        return jax.numpy.zeros_like(x)
+
+
+def test_conditional_sample_labels_cycle_through_the_classes_over_batches(monkeypatch):
+    """5 batches of 8 with 10 classes: sample n has label n % 10, so each class has 4
+    samples, and one compiled program serves every batch."""
+    config = tiny_digits_config(**{"eval.num_samples": 40, "eval.batch_size": 8})
+    config.data.use_labels, config.model.num_classes = True, 10
+    made, original = [], run.make_sharded_generate
+    monkeypatch.setattr(
+        run, "make_sharded_generate", lambda *a: made.append(original(*a)) or made[-1]
+    )
+    recorder = LabelRecorder(batch_size=8)
+    setting = run.sampler_settings(config)[0]
+    local = run.generate_local_samples(config, recorder, {}, parallel.make_mesh(), setting)
+    jax.effects_barrier()
+    assert len(made) == 1 and len(made[0].compiled) == 1  # one program for every batch
+    np.testing.assert_array_equal(local.positions, np.arange(40))
+    batches = {tuple(int(label) for label in labels) for labels in recorder.seen}
+    assert batches == {tuple((8 * index + np.arange(8)) % 10) for index in range(5)}
+    counts = np.bincount(np.concatenate(sorted(batches)), minlength=10)
+    np.testing.assert_array_equal(counts, np.full(10, 4))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffusion_jax import checkpointing, sampling_run, train
+from diffusion_jax import checkpointing, compilation, sampling_run, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 30
@@ -157,3 +157,67 @@ def test_unknown_config_key_is_named():
 def test_missing_checkpoint_in_sample_mode_says_to_train_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first with --mode=train"):
         sampling_run.sample(_config(), str(tmp_path))
+
+
+class LabelRecorder:
+    """A network of output 0 that records the class labels of each call (the first half of
+    a guided call's batch; its second half is the null label)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.seen = batch_size, []
+
+    def apply(self, variables, x, t, *, label, train, rngs):
+        jax.debug.callback(lambda labels: self.seen.append(tuple(labels[: self.batch_size])), label)
+        return jax.numpy.zeros_like(x)
+
+
+def _conditional_config(**sampling):
+    config = _config()
+    config.data.use_labels, config.model.num_classes = True, 10
+    config.sampling.update(sampling)
+    return config
+
+
+def test_sample_mode_cycles_labels_over_batches_and_saves_them(tmp_path, monkeypatch):
+    """3 batches of 4 with 10 classes: image n has label n % 10 (0..9, 0, 1), from one
+    compiled program, and the .npz holds the labels beside the samples."""
+    config = _conditional_config(num_images=12, batch_size=4)
+    recorder = LabelRecorder(batch_size=4)
+    monkeypatch.setattr(train, "restore_for_inference", lambda config, workdir: (recorder, {}, 7))
+    monkeypatch.setattr(train, "inference_params", lambda state, config: {})
+    made = []
+
+    class Recording(compilation.CompiledTogether):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(compilation, "CompiledTogether", Recording)
+    sampling_run.sample(config, str(tmp_path))
+    jax.effects_barrier()
+    assert len(made) == 1 and len(made[0].compiled) == 1  # one program for every batch
+    seen = {tuple(int(label) for label in labels) for labels in recorder.seen}
+    assert seen == {(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 0, 1)}
+    with np.load(tmp_path / "samples" / "sample_7.npz") as saved:
+        assert saved["samples"].shape == (12, 8, 8, 1)
+        np.testing.assert_array_equal(saved["labels"], np.arange(12) % 10)
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "key", "value", "message"),
+    [
+        (10, "label", 10, r"sampling.label=10; allowed: -1 \(cycle through the classes\) or 0..9"),
+        (10, "label", -5, r"sampling.label=-5; allowed: -1"),
+        (0, "label", 3, r"sampling.label=3 but model.num_classes=0"),
+        (10, "num_images", 0, r"sampling.num_images=0 must be >= 1"),
+        (10, "batch_size", 0, r"sampling.batch_size=0 must be >= 1"),
+        (0, "guidance_scale", 2.0, r"sampling.guidance_scale=2.0.*model.num_classes=0"),
+    ],
+)
+def test_bad_sampling_options_are_named_before_sample_mode_restores(
+    tmp_path, num_classes, key, value, message
+):
+    config = _conditional_config() if num_classes else _config()
+    config.sampling[key] = value  # tmp_path has no checkpoint: restoring would fail
+    with pytest.raises(ValueError, match=message):
+        sampling_run.sample(config, str(tmp_path))

@@ -30,6 +30,7 @@ import pathlib
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -165,7 +166,8 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def make_sharded_generate(config, model, mesh, setting: dict):
-    """jit of `generate(params, rng) -> [eval.batch_size, ...]`, its rows split over the mesh."""
+    """jit of `generate(params, rng, offset) -> [eval.batch_size, ...]` (samples offset, ...,
+    offset + eval.batch_size - 1), its rows split over the mesh."""
     variant = with_sampler(config, setting)
     generate = sampling_run.make_generate_fn(variant, model, count=config.eval.batch_size)
     sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
@@ -174,13 +176,15 @@ def make_sharded_generate(config, model, mesh, setting: dict):
 
 def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalImages:
     """This process's rows of eval.num_samples samples, in whole batches of eval.batch_size,
-    with their positions in the sequence of all samples."""
+    with their positions in the sequence of all samples (a class-conditional model's sample
+    n has label n % K, or `sampling.label`: classes balanced across batches)."""
     generate = make_sharded_generate(config, model, mesh, setting)
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), setting["num_steps"])
     num_batches = -(-config.eval.num_samples // config.eval.batch_size)
     images, positions = [], []
     for index in range(num_batches):
-        batch = generate(params, jax.random.fold_in(rng, index))
+        offset = jnp.asarray(index * config.eval.batch_size, jnp.int32)
+        batch = generate(params, jax.random.fold_in(rng, index), offset)
         images.append(local_rows(batch))
         positions.append(index * config.eval.batch_size + local_row_positions(batch))
     return LocalImages(np.concatenate(images), np.concatenate(positions))
@@ -310,7 +314,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from diffusion_jax import train  # the train state and its restore live there
 
     check_options(config)
-    parallel.check_batch_size(config.eval.batch_size, jax.device_count())
+    parallel.check_batch_size(config.eval.batch_size, jax.device_count(), option="eval.batch_size")
     model, state, step = train.restore_for_inference(config, workdir)
     mesh = parallel.make_mesh()
     params = place_params(train.inference_params(state, config), mesh, config.parallel.strategy)
