@@ -27,8 +27,41 @@ def _check_positive(value, option: str, *, minimum: int = 1) -> None:
         raise ValueError(f"{option}={value} must be >= {minimum}")
 
 
+def _check_range(value, low, high, option: str, *, closed_high: bool = False) -> None:
+    """low <= value < high (or <= high with `closed_high`)."""
+    inside = low <= value <= high if closed_high else low <= value < high
+    if not inside:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{option}={value}; allowed: [{low}, {high}{bracket}")
+
+
+def check_optim(config: ml_collections.ConfigDict) -> None:
+    """Adam's numbers and the schedule's: each outside its range is an error naming it."""
+    optim = config.optim
+    _check_choice(optim.optimizer, ("adam", "adamw"), "optim.optimizer")
+    _check_choice(optim.decay, ("constant", "cosine", "linear"), "optim.decay")
+    _check_positive(optim.warmup_steps, "optim.warmup_steps", minimum=0)
+    if not optim.learning_rate > 0:
+        raise ValueError(f"optim.learning_rate={optim.learning_rate} must be > 0")
+    _check_range(optim.b1, 0.0, 1.0, "optim.b1")
+    _check_range(optim.b2, 0.0, 1.0, "optim.b2")
+    if not optim.eps > 0:
+        raise ValueError(f"optim.eps={optim.eps} must be > 0")
+    _check_range(optim.final_lr_fraction, 0.0, 1.0, "optim.final_lr_fraction", closed_high=True)
+    if optim.grad_clip_norm < 0:
+        raise ValueError(
+            f"optim.grad_clip_norm={optim.grad_clip_norm}; allowed: > 0, or 0 for no clipping"
+        )
+    if optim.weight_decay < 0 or (optim.weight_decay and optim.optimizer != "adamw"):
+        raise ValueError(
+            f"optim.weight_decay={optim.weight_decay} with optim.optimizer={optim.optimizer!r}; "
+            "allowed: >= 0 with 'adamw' (decoupled weight decay), 0 with 'adam'"
+        )
+
+
 def check_training(config: ml_collections.ConfigDict) -> None:
     training = config.training
+    _check_positive(training.seed, "training.seed", minimum=0)
     _check_positive(training.batch_size, "training.batch_size")
     _check_positive(training.num_steps, "training.num_steps")
     _check_positive(training.log_every, "training.log_every")
@@ -129,9 +162,7 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a ValueError naming the first inconsistent option of a run config."""
     _check_choice(config.parallel.strategy, parallel.STRATEGIES, "parallel.strategy")
-    _check_choice(config.optim.optimizer, ("adam", "adamw"), "optim.optimizer")
-    _check_choice(config.optim.decay, ("constant", "cosine", "linear"), "optim.decay")
-    _check_positive(config.optim.warmup_steps, "optim.warmup_steps", minimum=0)
+    check_optim(config)
     check_training(config)
     check_diffusion(config)
     check_model_matches_data(config)

@@ -119,3 +119,34 @@ def test_sampling_labels_of_every_class_and_no_guidance_are_accepted():
     unconditional = cifar10.get_config("tiny")
     assert unconditional.sampling.guidance_scale == 1.0  # the default: no guidance
     config_validation.validate(unconditional)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("optim", "learning_rate", 0.0, r"optim.learning_rate=0.0 must be > 0"),
+        ("optim", "learning_rate", -1e-3, r"optim.learning_rate=-0.001 must be > 0"),
+        ("optim", "b1", 1.5, r"optim.b1=1.5; allowed: \[0.0, 1.0\)"),
+        ("optim", "b2", 1.0, r"optim.b2=1.0; allowed: \[0.0, 1.0\)"),
+        ("optim", "eps", -1.0, r"optim.eps=-1.0 must be > 0"),
+        ("optim", "final_lr_fraction", 2.0, r"optim.final_lr_fraction=2.0; allowed: \[0.0, 1.0\]"),
+        ("optim", "grad_clip_norm", -1.0, r"optim.grad_clip_norm=-1.0; allowed: > 0, or 0"),
+        ("optim", "weight_decay", 0.1, r"optim.weight_decay=0.1 with optim.optimizer='adam'"),
+        ("training", "seed", -1, r"training.seed=-1 must be >= 0"),
+    ],
+)
+def test_bad_optimizer_and_seed_values_are_named(section, key, value, message):
+    from configs import cifar10
+
+    config = cifar10.get_config("tiny")
+    setattr(config[section], key, value)
+    with pytest.raises(ValueError, match=message):
+        config_validation.validate(config)
+
+
+def test_adamw_takes_weight_decay():
+    from configs import cifar10
+
+    config = cifar10.get_config("tiny")
+    config.optim.optimizer, config.optim.weight_decay = "adamw", 0.1
+    config_validation.validate(config)
