@@ -52,6 +52,17 @@ def test_dropout_keeps_each_element_with_probability_one_minus_rate_unbiased(rat
     assert abs(float(out.mean()) - 1) < 5 * np.sqrt(rate / (1 - rate) / n)
 
 
+def test_bfloat16_kept_values_are_the_float32_scale_rounded_once():
+    """x / (1 - rate) computed in float32, then rounded: 1 / 0.9 in bfloat16 (1.109375)
+    would shrink every kept value, and the mean, by 0.16%."""
+    x = jnp.asarray([1.0, 3.0, 7.0, 100.0], jnp.bfloat16)
+    out = dropout_lib.dropout(jnp.tile(x, (2, 64)), 0.1, jax.random.PRNGKey(0), stream=0)
+    kept = np.asarray(out, np.float32) != 0
+    expected = (np.tile(np.asarray(x, np.float32), (2, 64)) / 0.9).astype(jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16 and kept.any()
+    np.testing.assert_array_equal(np.asarray(out)[kept], expected[kept])
+
+
 def test_masks_of_different_streams_and_examples_are_uncorrelated():
     n = 2**18
     key = jax.random.PRNGKey(2)

@@ -272,6 +272,28 @@ def test_fourier_embedding_separates_continuous_times_without_parameters():
     assert count_params(_shape_params(fourier)[1]) == count_params(_shape_params(sinusoidal)[1])
 
 
+def test_fourier_frequencies_do_not_depend_on_jax_random_settings():
+    """Constants of the network, not of the PRNG: a checkpoint computes one function whatever
+    JAX_DEFAULT_PRNG_IMPL or jax_threefry_partitionable a later run uses."""
+    t = jnp.linspace(0.0, 1.0, 5)
+    expected = np.asarray(fourier_embedding(t, 16, scale=16.0))
+    with jax.default_prng_impl("rbg"):
+        np.testing.assert_array_equal(fourier_embedding(t, 16, scale=16.0), expected)
+    freqs = 16.0 * np.random.RandomState(0).standard_normal(8)
+    angles = 2.0 * np.pi * np.asarray(t)[:, None] * freqs[None, :]
+    reference = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+    np.testing.assert_allclose(expected, reference, atol=2e-5)
+
+
+def test_dit_patch_embedding_is_initialised_as_a_linear_map():
+    """xavier_uniform of the [D, C p^2] matrix (DiT, MAE): std sqrt(2 / (C p^2 + D))."""
+    config = _with(presets.dit, variant="S/8", image_size=32)
+    params = init_params(build_model(config), config, jax.random.key(0))
+    kernel = np.asarray(params["patch_embed"]["kernel"])  # [p, p, C, D]
+    fan_in, fan_out = np.prod(kernel.shape[:3]), kernel.shape[3]
+    np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (fan_in + fan_out)), rtol=0.03)
+
+
 def test_attention_matches_naive_softmax_attention():
     q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 2, 4))
     logits = np.einsum("btnh,bsnh->bnts", q, k) / 2.0
@@ -324,6 +346,12 @@ def test_dit_position_embedding_is_2d_sincos():
         (_with(presets.dit, variant="S/8", image_size=36), "model.image_size=36"),
         (_with(presets.dit, variant="", depth=2), "model.hidden_size=0"),
         (_with(presets.mlp2d, num_layers=0), "model.num_layers=0"),
+        (_with(presets.tiny, ch=2), "model.ch=2; allowed: even and >= 4"),
+        (_with(presets.tiny, in_channels=0), "model.in_channels=0 must be >= 1"),
+        (_with(presets.mlp2d, hidden_size=2), "model.hidden_size=2; allowed: even and >= 4"),
+        (_with(presets.dit, mlp_ratio=0.0), "model.mlp_ratio=0.0 must be > 0"),
+        (_with(presets.tiny, name="dit"), "model.name='dit' needs the options of its preset"),
+        (_with(presets.ddpm_cifar10, name="mlp"), "model.name='mlp' needs the options"),
     ],
 )
 def test_bad_config_raises_error_naming_the_option(config, message):

@@ -48,6 +48,26 @@ def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (config.image_size, config.image_size, config.in_channels)
 
 
+# The options each network reads beyond the common ones, and the preset that has them.
+MODEL_FIELDS = {
+    "unet": (("ch", "ch_mult", "num_res_blocks", "attn_resolutions"), "configs.models.tiny()"),
+    "dit": (("variant", "depth", "hidden_size", "mlp_ratio"), "configs.models.dit()"),
+    "mlp": (("data_dim", "hidden_size", "num_layers"), "configs.models.mlp2d()"),
+}
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+    """A `model` section switched to another network by `model.name` lacks its options."""
+    fields, preset = MODEL_FIELDS[config.name]
+    missing = [field for field in fields if field not in config]
+    if missing:
+        raise ValueError(
+            f"model.name={config.name!r} needs the options of its preset {preset}, and this "
+            f"model section lacks {missing}: start from a config whose model is that preset "
+            "(its config file sets config.model) rather than switching model.name"
+        )
+
+
 def _check_common(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"model.dtype={config.dtype!r}; allowed: {tuple(COMPUTE_DTYPES)}")
@@ -55,6 +75,8 @@ def _check_common(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.num_classes={config.num_classes} must be >= 0 (0: unconditional)")
     if config.out_channels < 1:
         raise ValueError(f"model.out_channels={config.out_channels} must be >= 1")
+    if config.in_channels < 1:
+        raise ValueError(f"model.in_channels={config.in_channels} must be >= 1")
     if config.time_embedding not in TIME_EMBEDDINGS:
         raise ValueError(
             f"model.time_embedding={config.time_embedding!r}; allowed: {TIME_EMBEDDINGS}"
@@ -68,6 +90,11 @@ def _check_unet_sizes(config: ml_collections.ConfigDict) -> list[int]:
         raise ValueError(f"model.ch_mult={ch_mult} must be a non-empty tuple of positive ints")
     if config.num_res_blocks < 1:
         raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 1")
+    if config.ch < 4 or config.ch % 2:
+        raise ValueError(
+            f"model.ch={config.ch}; allowed: even and >= 4 (the sinusoidal time embedding "
+            "has ch features)"
+        )
     factor = 2 ** (len(ch_mult) - 1)
     if config.image_size < factor or config.image_size % factor != 0:
         raise ValueError(
@@ -186,6 +213,8 @@ def _build_dit(config: ml_collections.ConfigDict) -> nn.Module:
             f"model.hidden_size={dims['hidden_size']} must be divisible by 4 and by "
             f"model.num_heads={dims['num_heads']}"
         )
+    if not config.mlp_ratio > 0:
+        raise ValueError(f"model.mlp_ratio={config.mlp_ratio} must be > 0")
     return DiT(
         patch_size=dims["patch_size"],
         hidden_size=dims["hidden_size"],
@@ -205,8 +234,8 @@ def _build_mlp(config: ml_collections.ConfigDict) -> nn.Module:
     for key in ("data_dim", "hidden_size", "num_layers"):
         if config[key] < 1:
             raise ValueError(f"model.{key}={config[key]} must be >= 1")
-    if config.hidden_size % 2 != 0:
-        raise ValueError(f"model.hidden_size={config.hidden_size} must be even")
+    if config.hidden_size < 4 or config.hidden_size % 2 != 0:
+        raise ValueError(f"model.hidden_size={config.hidden_size}; allowed: even and >= 4")
     return MLPDenoiser(
         out_channels=output_channels(config),
         hidden_size=config.hidden_size,
@@ -229,6 +258,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """Validates the ``model`` config section and builds the network it names."""
     if config.name not in MODEL_BUILDERS:
         raise ValueError(f"model.name={config.name!r}; allowed: {tuple(MODEL_BUILDERS)}")
+    _check_fields(config)
     _check_common(config)
     return MODEL_BUILDERS[config.name](config)
 

@@ -25,6 +25,12 @@ DIT_PATCH_SIZES = (2, 4, 8)
 FREQUENCY_EMBEDDING_DIM = 256
 
 xavier_init = nn.initializers.xavier_uniform()
+# The patch embedding initialised as the linear map it is (DiT's and MAE's
+# xavier_uniform_(w.view([D, -1]))): fan-in C p^2, fan-out D. Flax's xavier_uniform on the
+# 4-D kernel would also count the p^2 taps in the fan-out: p = 2 halves the scale.
+patch_embed_init = nn.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+)
 embedding_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -138,7 +144,7 @@ class DiT(nn.Module):
             strides=(p, p),
             padding="VALID",
             dtype=self.dtype,
-            kernel_init=xavier_init,
+            kernel_init=patch_embed_init,
             name="patch_embed",
         )(x.astype(self.dtype))  # [B, H/p, W/p, D]
         grid = h.shape[1]

@@ -81,4 +81,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array, stream: int) -> jax.Array
         return x
     keep = random_bits(key, stream, x.shape) >= np.uint32(threshold)
     scale = _COUNTER_LIMIT / (_COUNTER_LIMIT - threshold)
-    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+    # Scaled in float32: 1 / (1 - 0.1) rounded to bfloat16 would shrink the mean by 0.16%.
+    kept = (x.astype(jnp.float32) * jnp.float32(scale)).astype(x.dtype)
+    return jnp.where(keep, kept, jnp.zeros((), x.dtype))

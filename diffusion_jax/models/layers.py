@@ -44,11 +44,14 @@ def fourier_embedding(t: jax.Array, dim: int, *, scale: float) -> jax.Array:
 
     The frequencies are drawn once from a fixed seed and are constants, not parameters, so an
     optimizer (weight decay included) never moves them and the parameter pytree holds only
-    trainable weights.
+    trainable weights. They come from NumPy's legacy generator, whose stream is frozen: JAX's
+    keys would give other values under `JAX_DEFAULT_PRNG_IMPL=rbg` or another
+    `jax_threefry_partitionable`, so a checkpoint would compute another function there.
     """
     if dim % 2 != 0:
         raise ValueError(f"fourier embedding dim={dim} must be even")
-    freqs = jax.random.normal(jax.random.PRNGKey(0), (dim // 2,), jnp.float32) * scale
+    normal = np.random.RandomState(0).standard_normal(dim // 2)
+    freqs = jnp.asarray(normal * scale, jnp.float32)
     angles = 2.0 * np.pi * t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, dim/2]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, dim]
 

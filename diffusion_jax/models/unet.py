@@ -7,7 +7,10 @@ resolutions in ``attn_resolutions``) and a 2x downsampling; a middle ResBlock-At
 ResBlock; on the way up ``num_res_blocks + 1`` blocks per resolution, each fed the
 concatenation with the matching skip activation, and a 2x upsampling; GroupNorm, SiLU and a
 zero-initialised 3x3 output convolution. The network knows nothing of diffusion: it maps
-``(x_t, t[, label])`` to ``out_channels`` channels.
+``(x_t, t[, label])`` to ``out_channels`` channels. The stride-2 downsampling convolution
+pads one pixel on every side, as guided-diffusion does; Ho et al.'s TF "SAME" padding (and
+diffusers' ``downsample_padding=0``) pads only the bottom and right, so weights converted from
+their checkpoints would need that padding.
 """
 
 from __future__ import annotations
