@@ -51,15 +51,20 @@ from diffusion_jax import (
 # bf16; REFERENCE.md measured ~798 bf16 on the lent H100). float32 is the rate of what JAX's
 # default precision runs a float32 product or convolution as: TF32 on tensor cores on a GPU
 # (H100/H200 SXM 495 dense, A100 156; 67 and 19.5 without them), one bfloat16 pass on a TPU.
-# TPU v2/v3 expose one device per core, v4/v5p one per chip (megacore).
+# TPU v2/v3 expose one device per core, v4/v5p one per chip (megacore). Keys are matched
+# in order as substrings of `device_kind` ("NVIDIA H100 PCIe", "TPU v5 lite" for v5e,
+# "TPU v5" for v5p, "TPU v6 lite" for v6e): the more specific first.
 PEAK_TFLOPS = {
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 418.0},
     "H100": {"bfloat16": 989.0, "float32": 495.0},
     "H200": {"bfloat16": 989.0, "float32": 495.0},
     "A100": {"bfloat16": 312.0, "float32": 156.0},
     "TPU v3": {"bfloat16": 61.5, "float32": 61.5},
     "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
     "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
-    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
 }
 SAMPLERS = ("ddim", "dpm_solver++")
 COMPARE = ("none", "diffusers")
@@ -189,11 +194,13 @@ def _train_step_parts(config: ml_collections.ConfigDict, options: BenchOptions):
 
 
 def model_flops_per_step(config, options: BenchOptions, strategy, state, batch, rng) -> float:
-    """FLOPs of one train step of a U-Net as the network defines them: XLA's count of the step
-    with direct convolutions (lowered, not compiled). Winograd's convolutions (`models.winograd`)
+    """FLOPs of one whole train step as the network defines them: XLA's count of the lowered
+    program (before it is split over the devices: a compiled program's count is one device's
+    share), a U-Net's with direct convolutions. Winograd's convolutions (`models.winograd`)
     need fewer multiplications for the same work, which is speed, not fewer model FLOPs."""
     direct = ml_collections.ConfigDict(config.to_dict())
-    direct.model.conv_algorithm = "direct"
+    if direct.model.name == "unet":
+        direct.model.conv_algorithm = "direct"
     train_step = _train_step_parts(direct, options)[2]
     jitted = strategy.compile_train_step(train_step, jax.eval_shape(lambda: state))
     return cost_flops(jitted.lower(state, batch, rng))
@@ -203,6 +210,11 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
     """(run, info): `run()` takes one compiled train step of `train.make_train_step` and
     blocks on it; info holds the compile time, the FLOPs per step (the network's, and XLA's
     count of the compiled step) and the parameter count."""
+    if config.parallel.strategy == "pmap":
+        raise ValueError(
+            "parallel.strategy='pmap': the benchmark times jit-compiled train steps; "
+            "allowed: 'data', 'fsdp'"
+        )
     model, tx, train_step = _train_step_parts(config, options)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(options.batch_size, strategy.num_devices, option="--batch_size")
@@ -220,16 +232,10 @@ def make_train_runner(config: ml_collections.ConfigDict, options: BenchOptions):
         holder["state"], metrics = compiled(holder["state"], batch, rng)
         return jax.block_until_ready((holder["state"], metrics))
 
-    compiled_flops = cost_flops(compiled)
-    winograd = config.model.name == "unet" and models.conv_algorithm(config.model) == "winograd"
     info = {
         "compile": compile_time,
-        "flops_per_step": (
-            model_flops_per_step(config, options, strategy, state, batch, rng)
-            if winograd
-            else compiled_flops
-        ),
-        "compiled_flops_per_step": compiled_flops,
+        "flops_per_step": model_flops_per_step(config, options, strategy, state, batch, rng),
+        "compiled_flops_per_step": cost_flops(compiled),  # per device, as compiled
         "params": models.count_params(state.params),
         "devices": strategy.num_devices,
     }
@@ -330,10 +336,10 @@ def bench_training(config, options: BenchOptions, runner, unet=None) -> dict:
     result = {name: _summary(t, options.batch_size) for name, t in times.items()}
     ours = result["ours"]
     ours.update(info)
-    ours["tflops_per_s"] = info["flops_per_step"] / ours["median_s"] / 1e12
+    ours["tflops_per_s"] = info["flops_per_step"] / ours["median_s"] / 1e12  # all devices
     peak = peak_tflops(jax.devices()[0], options.dtype, options.peak_tflops)
-    ours["peak_tflops"] = peak
-    ours["mfu"] = ours["tflops_per_s"] * info["devices"] / peak if peak else None
+    ours["peak_tflops"] = peak  # one device's
+    ours["mfu"] = ours["tflops_per_s"] / (peak * info["devices"]) if peak else None
     if unet is not None:
         result["ratio"] = ours["items_per_s"] / result["diffusers"]["items_per_s"]
     return result

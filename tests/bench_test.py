@@ -46,6 +46,29 @@ def test_peak_tflops_table_and_override():
     assert bench.peak_tflops(h100, "float32") == 495.0  # TF32: JAX's default precision
     assert bench.peak_tflops(cpu, "float32") is None
     assert bench.peak_tflops(cpu, "float32", override=0.5) == 0.5
+    kinds = {  # device_kind as JAX names them
+        "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.0, "TPU v5 lite": 197.0,
+        "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v4": 275.0,
+    }  # fmt: skip
+    for kind, peak in kinds.items():
+        device = types.SimpleNamespace(device_kind=kind)
+        assert bench.peak_tflops(device, "bfloat16") == peak, kind
+
+
+def test_flops_per_step_are_the_whole_steps_on_eight_devices():
+    """XLA's count of a compiled sharded step is one device's share; the model FLOPs (and the
+    MFU's numerator) are the whole step's: 8 shares here."""
+    config = bench.shrink_to_tiny(cifar10.get_config())
+    config.model.conv_algorithm = "direct"
+    options = bench.BenchOptions(batch_size=8)
+    _, info = bench.make_train_runner(config, options)
+    assert info["devices"] == 8
+    per_device = info["compiled_flops_per_step"]
+    # Within 10%: the optimized program counts a few more operations than the lowered one.
+    assert info["flops_per_step"] == pytest.approx(8 * per_device, rel=0.1)
+    config.parallel.strategy = "pmap"
+    with pytest.raises(ValueError, match="parallel.strategy='pmap'.*allowed: 'data', 'fsdp'"):
+        bench.make_train_runner(config, options)
 
 
 def test_memory_stats_on_cpu_is_host_resident_memory():
