@@ -26,6 +26,7 @@ import signal
 import threading
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -72,9 +73,10 @@ def _check_floats_finite(tree) -> None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
     ]
-    flags = multihost_utils.process_allgather(
+    gathered = multihost_utils.process_allgather(
         _finite_flags([leaf for _, leaf in named]), tiled=True
-    )
+    )  # [L] of global arrays; [processes x L] of each process's own (pmap's)
+    flags = np.asarray(gathered).reshape(-1, len(named)).all(axis=0)
     bad = [name for (name, _), finite in zip(named, flags, strict=True) if not finite]
     if bad:
         raise FloatingPointError(

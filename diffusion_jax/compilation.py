@@ -102,17 +102,23 @@ def wait_for_all_processes(name: str) -> None:
 
 class CompiledTogether:
     """`jitted(*args)` compiled ahead of its first call per argument signature, with our
-    XLA options, and started by all processes together (see the module docstring)."""
+    XLA options, and started by all processes together (see the module docstring).
 
-    def __init__(self, jitted: Callable, name: str):
+    `dispatch_jitted`: call `jitted` itself after compiling ahead (which still fills the
+    persistent cache and meets the barrier). A multi-process pmap needs it: compiled ahead,
+    it expects every process's rows, while its callers pass their own."""
+
+    def __init__(self, jitted: Callable, name: str, *, dispatch_jitted: bool = False):
         self.jitted, self.name = jitted, name
+        self.dispatch_jitted = dispatch_jitted
         self.options = compiler_options()
         self.compiled: dict = {}
 
     def __call__(self, *args):
         key = signature(args)
         if key not in self.compiled:
-            self.compiled[key] = compile_ahead(self.jitted, *args, options=self.options)
+            compiled = compile_ahead(self.jitted, *args, options=self.options)
+            self.compiled[key] = self.jitted if self.dispatch_jitted else compiled
             wait_for_all_processes(f"compiled_{self.name}")
         return self.compiled[key](*args)
 

@@ -194,29 +194,44 @@ class PmapStrategy:
         the train step sees the same input shardings at every call and compiles once)."""
         count = len(self.devices)
         stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * count), tree)
-        return jax.pmap(lambda x: x, devices=self.devices)(stacked)
+        return jax.pmap(lambda x: x)(stacked)  # over every process's devices, as training
 
     def init_state(self, create_fn: Callable, rng: jax.Array):
         return self._replicate(jax.jit(create_fn)(rng))
 
+    def _host_sharding(self):
+        """Where a checkpoint's arrays live: this process's first device, or with several
+        processes replicated on all devices (Orbax saves no process-local array there)."""
+        if jax.process_count() == 1:
+            return jax.sharding.SingleDeviceSharding(self.devices[0])
+        return NamedSharding(Mesh(np.asarray(jax.devices()), ("replica",)), PartitionSpec())
+
     def restore_target(self, abstract_state):
-        sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
+        sharding = self._host_sharding()
         return jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
             abstract_state,
         )
 
     def place_restored(self, state):
-        return self._replicate(state)
+        return self._replicate(jax.tree.map(lambda x: x.addressable_data(0), state))
 
     def checkpointable(self, state):
-        """The state without its device axis (the copies are identical)."""
-        return jax.tree.map(_first_replica, state)
+        """The state without its device axis (the copies are identical); with several
+        processes as global arrays replicated on every device."""
+        local = jax.tree.map(_first_replica, state)
+        if jax.process_count() == 1:
+            return local
+        sharding = self._host_sharding()
+        return multihost_utils.host_local_array_to_global_array(
+            local, sharding.mesh, PartitionSpec()
+        )
 
     def compile_train_step(self, train_step: Callable, abstract_state) -> Callable:
         stepped = CompiledTogether(
             jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,)),
             "train_step",
+            dispatch_jitted=jax.process_count() > 1,
         )
 
         def step(state, batch, rng):

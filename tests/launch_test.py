@@ -324,6 +324,35 @@ def test_local_launcher_trains_tiny_config_on_two_processes(tmp_path, capsys):
     assert losses_0 == losses_1
 
 
+@pytest.mark.slow
+def test_local_launcher_trains_with_pmap_on_two_processes_of_two_devices(tmp_path, capsys):
+    """parallel.strategy=pmap over 4 devices in 2 processes (as on a TPU pod): a pmap
+    compiled ahead of time expects every process's rows, so it must be called itself."""
+    returncode = local.main([
+        "--num-processes=2", "--devices-per-process=2", "--timeout=540",
+        "--config=configs/toy2d.py:tiny", f"--workdir={tmp_path}",
+        "--", "--config.training.num_steps=4", "--config.training.log_every=2",
+        "--config.parallel.strategy=pmap",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert returncode == 0, output[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    losses_0, losses_1 = reported_losses(output, 0), reported_losses(output, 1)
+    assert losses_0 and losses_0 == losses_1
+    returncode = local.main([  # resumed from the checkpoint of step 4, on to step 6
+        "--num-processes=2", "--devices-per-process=2", "--timeout=540",
+        "--config=configs/toy2d.py:tiny", f"--workdir={tmp_path}",
+        "--", "--config.training.num_steps=6", "--config.training.log_every=2",
+        "--config.parallel.strategy=pmap",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert returncode == 0, output[-4000:]
+    assert "Restored the checkpoint of step 4" in output, output[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+
+
 def _gpu_bench(*argv: str, wheels: Path) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python3
