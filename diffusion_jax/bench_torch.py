@@ -155,6 +155,13 @@ def peak_memory_bytes(device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
 
 
+def _class_labels(unet: UNet2DModel, labels: np.ndarray, device: str) -> torch.Tensor | None:
+    """`labels` for a class-conditional ``unet`` (as ours gets them), None otherwise."""
+    if unet.config.num_class_embeds is None:
+        return None
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
 def make_train_runner(
     unet: UNet2DModel,
     *,
@@ -173,6 +180,9 @@ def make_train_runner(
     config = unet.config
     shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
     x0 = torch.rand(shape, generator=generator, device=device) * 2 - 1  # [B, C, H, W]
+    num_classes = (config.num_class_embeds or 1) - 1  # the last embedding is the null label
+    labels = np.random.default_rng(seed).integers(0, max(num_classes, 1), batch_size)
+    class_labels = _class_labels(unet, labels, device)
     alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device=device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     params = list(unet.parameters())
@@ -185,7 +195,7 @@ def make_train_runner(
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         with autocast(device, dtype):
-            eps = unet(x_t, t).sample[:, : config.in_channels]
+            eps = unet(x_t, t, class_labels=class_labels).sample[:, : config.in_channels]
         loss = torch.mean((eps.float() - noise) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,6 +232,8 @@ def make_ddim_runner(
     shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
     device = _device_of(unet)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    num_classes = (config.num_class_embeds or 1) - 1
+    class_labels = _class_labels(unet, np.arange(batch_size) % max(num_classes, 1), device)
 
     def run() -> torch.Tensor:
         unet.eval()
@@ -230,7 +242,7 @@ def make_ddim_runner(
         with torch.inference_mode():
             for t in scheduler.timesteps:
                 with autocast(device, dtype):
-                    eps = unet(x, t).sample[:, : config.in_channels]
+                    eps = unet(x, t, class_labels=class_labels).sample[:, : config.in_channels]
                 x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
         synchronize(device)
         return x

@@ -193,3 +193,24 @@ def test_diffusers_bfloat16_runs_its_network_in_bfloat16():
     error = (rounded.float() - exact).abs().max() / exact.abs().max()
     assert 0 < error < 0.05  # bfloat16 keeps 8 significant bits
     assert {p.dtype for p in unet.parameters()} == {torch.float32}
+
+
+def test_diffusers_side_of_a_class_conditional_model_is_given_labels():
+    """cifar10_cond's U-Net has class embeddings in both frameworks: diffusers' must be fed
+    labels in training and sampling, as ours is (it refuses to run without)."""
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    from diffusion_jax import bench_torch
+
+    config = model_presets.tiny()
+    config.num_classes = 10
+    unet = bench_torch.build_diffusers_unet(config)
+    assert bench_torch.count_torch_params(unet) == _param_count(config)
+    betas = bench_torch.betas_of(cifar10.get_config().diffusion)
+    train_step = bench_torch.make_train_runner(
+        unet, batch_size=2, betas=betas, learning_rate=1e-4, grad_clip_norm=1.0, ema_decay=0.9
+    )
+    assert train_step() > 0
+    sample = bench_torch.make_ddim_runner(
+        unet, batch_size=2, num_steps=2, betas=betas, clip_sample=True
+    )
+    assert sample().shape == (2, 3, config.image_size, config.image_size)
