@@ -28,10 +28,22 @@ flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_workdir(workdir: str) -> None:
+    """A directory of the filesystem: the run writes it with Python's file functions, which
+    would turn gs://bucket/run into a local folder ./gs:/bucket/run on each host."""
+    if "://" in workdir:
+        raise app.UsageError(
+            f"--workdir={workdir}: URLs are not supported; give a directory of the filesystem. "
+            "Hosts of a multi-host run need one they all share: a bucket mounted with "
+            "gcsfuse (e.g. /gcs/BUCKET/run) or an NFS / Filestore path."
+        )
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    check_workdir(FLAGS.workdir)
     host_memory.retain_freed_memory()  # before JAX creates its CPU client: no page faults per step
     parallel.initialize_distributed(config.parallel)
     compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)

@@ -48,7 +48,7 @@ def main_command(
     if not config:
         raise ValueError("config: a config file such as configs/cifar10.py is required")
     if not workdir:
-        raise ValueError("workdir: a directory (local path or gs://...) is required")
+        raise ValueError("workdir: a directory (shared by all hosts of a multi-host run)")
     check_overrides(overrides)
     return [
         python,

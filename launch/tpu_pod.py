@@ -5,11 +5,14 @@ Steps, each one `gcloud compute tpus tpu-vm` command: `describe` the TPU (does i
 (`--worker=all`), then `ssh --worker=all` to start `python3 -m diffusion_jax.main` on every
 host at once. On TPU the main entry point calls `jax.distributed.initialize()` without
 arguments (empty `parallel.coordinator_address`): the TPU runtime supplies the coordinator,
-the process count and each host's id. The workdir should be a gs:// path so that every host
-reads and writes the same checkpoints and TensorBoard events.
+the process count and each host's id. On a multi-host slice the workdir must be a directory
+every host shares, so that all read and write the same checkpoints and TensorBoard events: a
+Cloud Storage bucket mounted with gcsfuse on every worker (e.g. /gcs/bucket/run, mounted by
+`gcloud compute tpus tpu-vm ssh --worker=all --command "gcsfuse ..."` first) or a Filestore
+(NFS) path. The main job refuses gs:// URLs.
 
     python launch/tpu_pod.py --tpu my-tpu --zone us-central2-b --accelerator-type v4-32 \
-        --config configs/cifar10.py --workdir gs://bucket/run --create --dry-run \
+        --config configs/cifar10.py --workdir /gcs/bucket/run --create --dry-run \
         -- --config.training.batch_size=256
 
 `--dry-run` prints each command on its own line (shell-quoted) and runs nothing.
@@ -249,7 +252,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--archive", default="/tmp/diffusion_jax_src.tar.gz")
     parser.add_argument("--remote-dir", default="diffusion_jax", help="relative to $HOME")
     parser.add_argument("--config", required=True, help="e.g. configs/cifar10.py")
-    parser.add_argument("--workdir", required=True, help="e.g. gs://bucket/run")
+    parser.add_argument(
+        "--workdir", required=True, help="a directory all hosts share, e.g. /gcs/bucket/run"
+    )
     parser.add_argument("--mode", choices=entry_point.MODES, default="train")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE on workers")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -259,12 +264,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.workdir.startswith("gs://"):
-        print(
-            f"warning: workdir {args.workdir!r} is local to each worker; on a multi-host "
-            "slice use a gs:// path so all hosts share checkpoints",
-            file=sys.stderr,
+    if "://" in args.workdir:
+        raise SystemExit(
+            f"--workdir={args.workdir}: the main job takes a directory, not a URL; mount the "
+            "bucket with gcsfuse on every worker (e.g. /gcs/BUCKET/run) or use a Filestore path"
         )
+    print(
+        f"note: on a multi-host slice, --workdir {args.workdir!r} must be shared by all workers "
+        "(a gcsfuse mount or Filestore), or each keeps its own checkpoints",
+        file=sys.stderr,
+    )
     commands = plan(args, overrides)
     if args.dry_run:
         print("\n".join(shlex.join(command) for command in commands))

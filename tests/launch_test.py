@@ -22,7 +22,7 @@ from launch import entry_point, local, slurm, tpu_pod
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TPU_EXAMPLE = [
     "--tpu", "my-tpu", "--zone", "us-central2-b", "--accelerator-type", "v4-32",
-    "--config", "configs/cifar10.py", "--workdir", "gs://bucket/run",
+    "--config", "configs/cifar10.py", "--workdir", "/gcs/bucket/run",
 ]  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def test_tpu_dry_run_prints_describe_create_install_and_run_on_all_workers():
     assert cd == ["cd", "diffusion_jax"]
     assert main_argv == [
         "python3", "-m", "diffusion_jax.main", "--config=configs/cifar10.py",
-        "--workdir=gs://bucket/run", "--mode=train",
+        "--workdir=/gcs/bucket/run", "--mode=train",
         "--config.training.batch_size=256", "--config.data.name=folder name",
     ]  # fmt: skip
 
@@ -83,7 +83,7 @@ def test_tpu_dry_run_without_create_reuses_and_clones_with_git():
             "diffusion_jax"] in remote_argvs(install)  # fmt: skip
     cd, export, main_argv = remote_argvs(run)
     assert export == ["export", "TF_CPP_MIN_LOG_LEVEL=2"]
-    assert "--mode=eval" in main_argv and "--workdir=gs://bucket/run" in main_argv
+    assert "--mode=eval" in main_argv and "--workdir=/gcs/bucket/run" in main_argv
 
 
 def write_executable(path: Path, body: str) -> None:
@@ -129,6 +129,9 @@ def test_tpu_bad_options_raise_naming_the_option():
         tpu_pod.main([*TPU_EXAMPLE, "--dry-run", "--", "--workdir=/elsewhere"])
     with pytest.raises(ValueError, match="mode 'fit'"):
         entry_point.main_command(config="c.py", workdir="w", mode="fit")
+    url = [*TPU_EXAMPLE[:-1], "gs://bucket/run"]  # the main job writes through the filesystem
+    with pytest.raises(SystemExit, match="--workdir=gs://bucket/run.*gcsfuse"):
+        tpu_pod.main([*url, "--dry-run"])
 
 
 SLURM_EXAMPLE = [
