@@ -18,7 +18,12 @@
 #   GPU_BENCH_FLAGS="--tiny --batch_size 4 --sample_batch_size 4 --steps 2 --repeats 1
 #     --warmup 1 --sample_repeats 1 --sample_warmup 0" launch/gpu_bench.sh run /tmp/rehearsal
 set -euo pipefail
+CALLER_DIR=$PWD  # relative OUT_DIR and GPU_BENCH_WHEELS are the caller's
 cd "$(dirname "$0")/.."
+
+absolute() {  # absolute PATH: a relative one is taken from the caller's directory
+  if [[ $1 = /* ]]; then echo "$1"; else echo "$CALLER_DIR/$1"; fi
+}
 
 WHEELS=(
   diffusers==0.42.1 importlib_metadata==8.7.0
@@ -38,7 +43,8 @@ wheels() {
 }
 
 install_wheels() {
-  local wheel_dir=${GPU_BENCH_WHEELS:-.whl}
+  local wheel_dir
+  wheel_dir=$(if [[ -n ${GPU_BENCH_WHEELS:-} ]]; then absolute "$GPU_BENCH_WHEELS"; else echo .whl; fi)
   if compgen -G "$wheel_dir/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$wheel_dir"/*.whl
@@ -67,6 +73,7 @@ bench() {
 
 run() {
   local out=${1:?usage: launch/gpu_bench.sh run OUT_DIR [PART ...]}
+  out=$(absolute "$out")
   shift
   local parts=("$@")
   ((${#parts[@]})) || parts=(bfloat16 float32 select)

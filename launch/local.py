@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as `python launch/local.py`
 from launch import entry_point  # noqa: E402
 
 HOST = "127.0.0.1"  # never anything else: these processes must not leave this machine
+REPO_ROOT = Path(__file__).resolve().parent.parent
 RESERVED_KEYS = (*entry_point.PARALLEL_WIRING_KEYS, "parallel.cpu_collectives")
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
@@ -43,15 +44,19 @@ def free_port() -> int:
 
 
 def process_environment(base: Mapping[str, str], *, devices_per_process: int) -> dict[str, str]:
-    """`base` with CPU-only JAX and K fake devices (other XLA_FLAGS are kept)."""
+    """`base` with CPU-only JAX, K fake devices (other XLA_FLAGS are kept) and this checkout
+    first on PYTHONPATH, so that a config's `from configs import ...` works from any
+    directory."""
     if devices_per_process < 1:
         raise ValueError(f"devices_per_process={devices_per_process}: must be >= 1")
     other_flags = _DEVICE_COUNT_FLAG.sub("", base.get("XLA_FLAGS", "")).split()
     device_flag = f"--xla_force_host_platform_device_count={devices_per_process}"
+    python_path = [str(REPO_ROOT), *filter(None, base.get("PYTHONPATH", "").split(os.pathsep))]
     return {
         **base,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join([*other_flags, device_flag]),
+        "PYTHONPATH": os.pathsep.join(python_path),
     }
 
 
@@ -168,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = process_commands(main_argv, num_processes=args.num_processes, port=port)
     env = process_environment(os.environ, devices_per_process=args.devices_per_process)
     if args.dry_run:
-        prefix = f"JAX_PLATFORMS=cpu XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])}"
+        prefix = " ".join(
+            f"{name}={shlex.quote(env[name])}"
+            for name in ("JAX_PLATFORMS", "XLA_FLAGS", "PYTHONPATH")
+        )
         print("\n".join(f"{prefix} {shlex.join(command)}" for command in commands))
         return 0
     returncodes = run_processes(commands, env=env, timeout=args.timeout)

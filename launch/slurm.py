@@ -149,7 +149,9 @@ def sbatch_script(
         main_argv, process_per=process_per, wiring=wiring, gpus_per_node=gpus_per_node
     )
     # Single quotes: the batch shell must not expand $SLURM_PROCID, each task does.
-    lines.append(f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}")
+    # srun of Slurm 22.05-23.02 does not pass the job's --cpus-per-task on to its tasks.
+    srun = "srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}"
+    lines.append(f"{srun} bash -c {shlex.quote(inner)}")
     return "\n".join(lines) + "\n"
 
 

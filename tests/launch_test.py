@@ -156,8 +156,9 @@ def test_slurm_dry_run_prints_the_sbatch_script_and_command():
         "gpus-per-node": "2", "time": "12:00:00", "output": "slurm-%j.out",
         "partition": "gpu", "account": "lab",
     }  # fmt: skip
-    srun, kill, bash, dash_c, task = shlex.split(script[-1])
+    srun, kill, cpus, bash, dash_c, task = shlex.split(script[-1])
     assert (srun, kill, bash, dash_c) == ("srun", "--kill-on-bad-exit=1", "bash", "-c")
+    assert cpus == "${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}"
     assert shlex.split(task) == [
         "exec", "python", "-m", "diffusion_jax.main", "--config=configs/cifar10.py",
         "--workdir=/shared/run", "--mode=train", "--config.training.batch_size=512",
@@ -181,8 +182,9 @@ def fake_slurm_tools(bin_dir: Path, argv_log: Path) -> None:
         bin_dir / "srun",
         """\
         export SLURM_NTASKS=4 SLURM_STEP_NODELIST="node[001-002]"
+        while [[ $1 == --* ]]; do echo "$1" >> "$(dirname "$0")/srun_options"; shift; done
         for procid in 0 1 2 3; do
-          SLURM_PROCID=$procid SLURM_LOCALID=$((procid % 2)) "${@:2}" || exit 1
+          SLURM_PROCID=$procid SLURM_LOCALID=$((procid % 2)) "$@" || exit 1
         done
         """,
     )
@@ -204,12 +206,17 @@ def test_slurm_script_wires_coordinator_and_process_ids_like_jax(tmp_path):
     script = tmp_path / "job.sbatch"
     args, overrides = slurm.parse_args([*SLURM_EXAMPLE, "--repo-dir", str(tmp_path)])
     script.write_text(slurm.build_script(args, overrides))
-    job_env = {"SLURM_JOB_ID": "123457", "SLURM_JOB_NODELIST": "node[001-002]"}
+    job_env = {
+        "SLURM_JOB_ID": "123457", "SLURM_JOB_NODELIST": "node[001-002]",
+        "SLURM_CPUS_PER_TASK": "12",  # srun of Slurm 22.05-23.02 must be told it again
+    }  # fmt: skip
     subprocess.run(
         ["bash", str(script)], check=True, capture_output=True,
         env={**os.environ, **job_env, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
     )  # fmt: skip
     launched = [json.loads(line) for line in argv_log.read_text().splitlines()]
+    srun_options = (tmp_path / "srun_options").read_text().split()
+    assert srun_options == ["--kill-on-bad-exit=1", "--cpus-per-task=12"]
     task_env = {**job_env, "SLURM_STEP_NODELIST": "node[001-002]"}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in task_env.items():
@@ -253,6 +260,9 @@ def test_local_commands_and_environment():
     assert env["XLA_FLAGS"].split() == [
         "--xla_dump_to=/tmp/d", "--xla_force_host_platform_device_count=2"
     ]  # fmt: skip
+    assert env["PYTHONPATH"] == str(REPO_ROOT)  # configs import `configs` from any directory
+    env = local.process_environment({"PYTHONPATH": "/mine"}, devices_per_process=1)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/mine"]
 
 
 ALL_REDUCE = """\
@@ -356,7 +366,7 @@ def test_local_launcher_trains_with_pmap_on_two_processes_of_two_devices(tmp_pat
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
 
 
-def _gpu_bench(*argv: str, wheels: Path) -> subprocess.CompletedProcess:
+def _gpu_bench(*argv: str, wheels: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # our python3
     env["GPU_BENCH_WHEELS"] = str(wheels)  # none: everything is installed here
@@ -365,7 +375,7 @@ def _gpu_bench(*argv: str, wheels: Path) -> subprocess.CompletedProcess:
     )
     return subprocess.run(
         ["bash", str(REPO_ROOT / "launch" / "gpu_bench.sh"), *argv],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -373,8 +383,8 @@ def _gpu_bench(*argv: str, wheels: Path) -> subprocess.CompletedProcess:
 def test_gpu_bench_rehearsed_on_the_cpu_runs_the_part_it_is_given(tmp_path):
     # The `select` part (ours alone) with the tiny U-Net: the script's own wiring, with the
     # flags it passes and GPU_BENCH_FLAGS after them (tests/bench_test.py tests the module).
-    out = tmp_path / "out"
-    done = _gpu_bench("run", str(out), "select", wheels=tmp_path)
+    out = tmp_path / "out"  # given relative to the caller's directory, as a user would
+    done = _gpu_bench("run", "out", "select", wheels=tmp_path, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "bench_select.json", "bench_select.log", "gpu.txt",
