@@ -40,6 +40,9 @@ def _unet(**overrides) -> ml_collections.ConfigDict:
     model.resblock_updown = False  # True: BigGAN-style residual up/down-sampling
     model.use_scale_shift_norm = False  # True: FiLM time conditioning
     model.conv_resample = True
+    # The stride-2 downsampling convolution pads "same" (bottom and right: Ho et al.'s TF code)
+    # or "symmetric" (every side: guided-diffusion / Improved DDPM)
+    model.downsample_padding = "same"
     model.norm_groups = 32
     # 3x3 convolutions: "auto" (Winograd on CPUs, in float32), "direct", "winograd"
     model.conv_algorithm = "auto"
@@ -67,6 +70,7 @@ def iddpm_cifar10() -> ml_collections.ConfigDict:
         num_heads=4,
         dropout=0.3,
         use_scale_shift_norm=True,
+        downsample_padding="symmetric",
     )
 
 

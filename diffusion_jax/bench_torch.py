@@ -109,7 +109,7 @@ def diffusers_unet_kwargs(config: ml_collections.ConfigDict) -> dict:
         norm_eps=1e-6,  # flax.linen.GroupNorm's default
         flip_sin_to_cos=False,  # [sin, cos], as Ho et al.'s get_timestep_embedding
         freq_shift=1,  # frequencies 10000^(-k / (half - 1))
-        downsample_padding=0,
+        downsample_padding=0 if config.downsample_padding == "same" else 1,
         dropout=config.dropout,
         resnet_time_scale_shift="scale_shift" if config.use_scale_shift_norm else "default",
         num_class_embeds=config.num_classes + 1 if config.num_classes > 0 else None,

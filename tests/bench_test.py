@@ -11,6 +11,7 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from configs import cifar10
@@ -214,3 +215,75 @@ def test_diffusers_side_of_a_class_conditional_model_is_given_labels():
         unet, batch_size=2, num_steps=2, betas=betas, clip_sample=True
     )
     assert sample().shape == (2, 3, config.image_size, config.image_size)
+
+
+def _flax_params_of(state_dict: dict, config) -> dict:
+    """diffusers UNet2DModel weights in our U-Net's parameter tree (names and layouts)."""
+    sd = {name: value.detach().numpy() for name, value in state_dict.items()}
+    conv = lambda k: {"kernel": sd[f"{k}.weight"].transpose(2, 3, 1, 0), "bias": sd[f"{k}.bias"]}
+    dense = lambda k: {"kernel": sd[f"{k}.weight"].T, "bias": sd[f"{k}.bias"]}
+    norm = lambda k: {"scale": sd[f"{k}.weight"], "bias": sd[f"{k}.bias"]}
+
+    def res(k):
+        block = {"norm_0": norm(f"{k}.norm1"), "conv_0": conv(f"{k}.conv1"),
+                 "emb": dense(f"{k}.time_emb_proj"), "norm_1": norm(f"{k}.norm2"),
+                 "conv_1": conv(f"{k}.conv2")}  # fmt: skip
+        if f"{k}.conv_shortcut.weight" in sd:
+            block["skip"] = conv(f"{k}.conv_shortcut")
+        return block
+
+    def attn(k):
+        q, key, v = (dense(f"{k}.to_{n}") for n in "qkv")
+        qkv = {p: np.concatenate([q[p], key[p], v[p]], axis=-1) for p in ("kernel", "bias")}
+        return {"norm": norm(f"{k}.group_norm"), "qkv": qkv, "proj_out": dense(f"{k}.to_out.0")}
+
+    params = {
+        "time_embed": {"dense_0": dense("time_embedding.linear_1"),
+                       "dense_1": dense("time_embedding.linear_2")},
+        "conv_in": conv("conv_in"), "norm_out": norm("conv_norm_out"),
+        "conv_out": conv("conv_out"), "mid_res_0": res("mid_block.resnets.0"),
+        "mid_attn": attn("mid_block.attentions.0"), "mid_res_1": res("mid_block.resnets.1"),
+    }  # fmt: skip
+    levels = len(config.ch_mult)
+    for level in range(levels):
+        up = levels - 1 - level
+        for i in range(config.num_res_blocks + 1):
+            if i < config.num_res_blocks:
+                params[f"down_{level}_res_{i}"] = res(f"down_blocks.{level}.resnets.{i}")
+                if f"down_blocks.{level}.attentions.{i}.to_q.weight" in sd:
+                    params[f"down_{level}_attn_{i}"] = attn(f"down_blocks.{level}.attentions.{i}")
+            params[f"up_{level}_res_{i}"] = res(f"up_blocks.{up}.resnets.{i}")
+            if f"up_blocks.{up}.attentions.{i}.to_q.weight" in sd:
+                params[f"up_{level}_attn_{i}"] = attn(f"up_blocks.{up}.attentions.{i}")
+        if level != levels - 1:
+            params[f"down_{level}_downsample"] = conv(f"down_blocks.{level}.downsamplers.0.conv")
+        if level != 0:
+            params[f"up_{level}_upsample"] = conv(f"up_blocks.{up}.upsamplers.0.conv")
+    return params
+
+
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_our_unet_with_diffusers_weights_computes_diffusers_function(padding):
+    """The networks the benchmark compares are one function: diffusers' weights copied into
+    ours give its output, with either downsampling padding (DDPM's "same" is diffusers'
+    downsample_padding=0; guided-diffusion's "symmetric" its 1)."""
+    pytest.importorskip("diffusers", reason="--compare diffusers needs the [torch] extra")
+    import torch
+
+    from diffusion_jax import bench_torch
+
+    config = model_presets.tiny()
+    config.dropout, config.conv_algorithm, config.downsample_padding = 0.0, "direct", padding
+    unet = bench_torch.build_diffusers_unet(config).eval()
+    with torch.no_grad():
+        for weight in unet.parameters():
+            weight.copy_(torch.randn_like(weight) * 0.2)
+    params = jax.tree.map(jax.numpy.asarray, _flax_params_of(unet.state_dict(), config))
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    t = np.array([3.0, 517.0], np.float32)
+    with torch.no_grad():
+        theirs = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample
+    ours = models.build_model(config).apply({"params": params}, x, t)
+    np.testing.assert_allclose(
+        np.asarray(ours), theirs.numpy().transpose(0, 2, 3, 1), atol=2e-5 * np.abs(ours).max()
+    )

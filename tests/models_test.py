@@ -347,6 +347,7 @@ def test_dit_position_embedding_is_2d_sincos():
         (_with(presets.dit, variant="", depth=2), "model.hidden_size=0"),
         (_with(presets.mlp2d, num_layers=0), "model.num_layers=0"),
         (_with(presets.tiny, ch=2), "model.ch=2; allowed: even and >= 4"),
+        (_with(presets.tiny, downsample_padding="valid"), "model.downsample_padding='valid'"),
         (_with(presets.tiny, in_channels=0), "model.in_channels=0 must be >= 1"),
         (_with(presets.mlp2d, hidden_size=2), "model.hidden_size=2; allowed: even and >= 4"),
         (_with(presets.dit, mlp_ratio=0.0), "model.mlp_ratio=0.0 must be > 0"),

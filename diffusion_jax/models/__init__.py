@@ -48,6 +48,7 @@ def sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (config.image_size, config.image_size, config.in_channels)
 
 
+DOWNSAMPLE_PADDINGS = ("same", "symmetric")
 # The options each network reads beyond the common ones, and the preset that has them.
 MODEL_FIELDS = {
     "unet": (("ch", "ch_mult", "num_res_blocks", "attn_resolutions"), "configs.models.tiny()"),
@@ -90,6 +91,11 @@ def _check_unet_sizes(config: ml_collections.ConfigDict) -> list[int]:
         raise ValueError(f"model.ch_mult={ch_mult} must be a non-empty tuple of positive ints")
     if config.num_res_blocks < 1:
         raise ValueError(f"model.num_res_blocks={config.num_res_blocks} must be >= 1")
+    if config.downsample_padding not in DOWNSAMPLE_PADDINGS:
+        raise ValueError(
+            f"model.downsample_padding={config.downsample_padding!r}; allowed: "
+            f"{DOWNSAMPLE_PADDINGS} (Ho et al.'s bottom-right, guided-diffusion's every side)"
+        )
     if config.ch < 4 or config.ch % 2:
         raise ValueError(
             f"model.ch={config.ch}; allowed: even and >= 4 (the sinusoidal time embedding "
@@ -171,6 +177,7 @@ def _build_unet(config: ml_collections.ConfigDict) -> nn.Module:
         resblock_updown=config.resblock_updown,
         use_scale_shift_norm=config.use_scale_shift_norm,
         conv_resample=config.conv_resample,
+        downsample_padding=config.downsample_padding,
         time_embedding=config.time_embedding,
         fourier_scale=config.fourier_scale,
         norm_groups=config.norm_groups,

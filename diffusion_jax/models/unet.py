@@ -8,9 +8,9 @@ ResBlock; on the way up ``num_res_blocks + 1`` blocks per resolution, each fed t
 concatenation with the matching skip activation, and a 2x upsampling; GroupNorm, SiLU and a
 zero-initialised 3x3 output convolution. The network knows nothing of diffusion: it maps
 ``(x_t, t[, label])`` to ``out_channels`` channels. The stride-2 downsampling convolution
-pads one pixel on every side, as guided-diffusion does; Ho et al.'s TF "SAME" padding (and
-diffusers' ``downsample_padding=0``) pads only the bottom and right, so weights converted from
-their checkpoints would need that padding.
+pads as ``downsample_padding`` says: "same" only the bottom and right (Ho et al.'s TF "SAME",
+score_sde's DDPM, diffusers' ``downsample_padding=0``), "symmetric" one pixel on every side
+(guided-diffusion, Improved DDPM / ADM).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def _conv(
     dtype: Dtype,
     *,
     strides: int = 1,
+    padding: int | None = None,
     zero: bool = False,
     winograd: str = "none",
     name: str | None = None,
@@ -52,7 +53,7 @@ def _conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
-        padding=kernel // 2,
+        padding=kernel // 2 if padding is None else padding,
         dtype=dtype,
         kernel_init=zeros_init if zero else default_init,
         winograd=winograd,
@@ -173,6 +174,7 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     use_scale_shift_norm: bool = False
     conv_resample: bool = True
+    downsample_padding: str = "symmetric"  # "same" | "symmetric" (the module docstring)
     time_embedding: str = "sinusoidal"
     fourier_scale: float = 16.0
     norm_groups: int = 32
@@ -216,9 +218,12 @@ class UNet(nn.Module):
         if direction == "up":
             h = upsample_nearest(h)
             return self._conv3x3(h.shape[-1], run.train, name)(h) if self.conv_resample else h
-        if self.conv_resample:
-            return _conv(h.shape[-1], 3, self.dtype, strides=2, name=name)(h)
-        return downsample_avg(h)
+        if not self.conv_resample:
+            return downsample_avg(h)
+        if self.downsample_padding == "same":  # [B, H + 1, W + 1, C]: bottom and right only
+            h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            return _conv(h.shape[-1], 3, self.dtype, strides=2, padding=0, name=name)(h)
+        return _conv(h.shape[-1], 3, self.dtype, strides=2, name=name)(h)
 
     def _embed(self, t: jax.Array, label: jax.Array | None) -> jax.Array:
         emb = TimeEmbedding(
