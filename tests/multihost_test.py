@@ -113,8 +113,13 @@ def test_two_processes_train_and_evaluate_together_and_match_one_process(tmp_pat
         step: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
         for step, name in ((0, "two"), (1, "one"))
     }
-    # Four devices in two processes train on the same global batches as one device.
-    np.testing.assert_allclose(records[0], records[1], rtol=1e-4)
+    # Four devices in two processes train on the same global batches as one device: the
+    # first steps agree to float32 rounding. Gradients summed over 4 devices differ from one
+    # device's by ~4e-6 relative (reduction order), and Adam's first updates, divided by a
+    # tiny second moment, amplify that about 10x every 2 steps (measured: 0, 1.9e-5, 2.4e-4
+    # at steps 2, 4, 6); another global batch would already change the first loss.
+    np.testing.assert_allclose(records[0][0], records[1][0], rtol=1e-5)
+    np.testing.assert_allclose(records[0], records[1], rtol=2e-3)
     assert (tmp_path / "two" / "checkpoints" / "6").is_dir()
 
     # --mode=eval of the two-process checkpoint: sampled over the four devices of both
