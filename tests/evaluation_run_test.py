@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import digits, toy2d
 from diffusion_jax import data, models, parallel, train
 from diffusion_jax.evaluation import likelihood_eval, run
+from tests.label_recorder import LabelRecorder
 
 
 def tiny_digits_config(**overrides):
@@ -179,18 +180,6 @@ def test_eval_mode_end_to_end_and_checkpoint_mismatch(tmp_path):
     wider.model.ch = 2 * config.model.ch
     with pytest.raises(ValueError, match="different model"):
         run.evaluate(wider, str(tmp_path))
-
-
-class LabelRecorder:
-    """A network of output 0 that records the class labels of each call (the first half of
-    a guided call's batch; its second half is the null label)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.seen = batch_size, []
-
-    def apply(self, variables, x, t, *, label, train, rngs):
-        jax.debug.callback(lambda labels: self.seen.append(tuple(labels[: self.batch_size])), label)
-        return jax.numpy.zeros_like(x)
 
 
 def test_conditional_sample_labels_cycle_through_the_classes_over_batches(monkeypatch):

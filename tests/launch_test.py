@@ -337,33 +337,32 @@ def test_local_launcher_trains_tiny_config_on_two_processes(tmp_path, capsys):
     assert losses_0 == losses_1
 
 
+def _train_with_pmap(workdir: Path, num_steps: int, capsys) -> tuple[str, list[int]]:
+    """2 processes x 2 devices train toy2d:tiny with pmap to `num_steps`: (output, logged
+    steps); the run must succeed."""
+    returncode = local.main([
+        "--num-processes=2", "--devices-per-process=2", "--timeout=540",
+        "--config=configs/toy2d.py:tiny", f"--workdir={workdir}",
+        "--", f"--config.training.num_steps={num_steps}", "--config.training.log_every=2",
+        "--config.parallel.strategy=pmap",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert returncode == 0, output[-4000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return output, [r["step"] for r in records if "loss" in r]
+
+
 @pytest.mark.slow
 def test_local_launcher_trains_with_pmap_on_two_processes_of_two_devices(tmp_path, capsys):
     """parallel.strategy=pmap over 4 devices in 2 processes (as on a TPU pod): a pmap
     compiled ahead of time expects every process's rows, so it must be called itself."""
-    returncode = local.main([
-        "--num-processes=2", "--devices-per-process=2", "--timeout=540",
-        "--config=configs/toy2d.py:tiny", f"--workdir={tmp_path}",
-        "--", "--config.training.num_steps=4", "--config.training.log_every=2",
-        "--config.parallel.strategy=pmap",
-    ])  # fmt: skip
-    output = capsys.readouterr().out
-    assert returncode == 0, output[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    output, steps = _train_with_pmap(tmp_path, 4, capsys)
+    assert steps == [2, 4]
     losses_0, losses_1 = reported_losses(output, 0), reported_losses(output, 1)
     assert losses_0 and losses_0 == losses_1
-    returncode = local.main([  # resumed from the checkpoint of step 4, on to step 6
-        "--num-processes=2", "--devices-per-process=2", "--timeout=540",
-        "--config=configs/toy2d.py:tiny", f"--workdir={tmp_path}",
-        "--", "--config.training.num_steps=6", "--config.training.log_every=2",
-        "--config.parallel.strategy=pmap",
-    ])  # fmt: skip
-    output = capsys.readouterr().out
-    assert returncode == 0, output[-4000:]
+    output, steps = _train_with_pmap(tmp_path, 6, capsys)  # resumed from step 4's checkpoint
     assert "Restored the checkpoint of step 4" in output, output[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert steps == [2, 4, 6]
 
 
 def _gpu_bench(*argv: str, wheels: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ import pytest
 
 from configs import digits
 from diffusion_jax import checkpointing, compilation, sampling_run, train
+from tests.label_recorder import LabelRecorder
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 30
@@ -165,18 +166,6 @@ def test_a_url_workdir_is_refused_before_anything_is_written():
 def test_missing_checkpoint_in_sample_mode_says_to_train_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first with --mode=train"):
         sampling_run.sample(_config(), str(tmp_path))
-
-
-class LabelRecorder:
-    """A network of output 0 that records the class labels of each call (the first half of
-    a guided call's batch; its second half is the null label)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.seen = batch_size, []
-
-    def apply(self, variables, x, t, *, label, train, rngs):
-        jax.debug.callback(lambda labels: self.seen.append(tuple(labels[: self.batch_size])), label)
-        return jax.numpy.zeros_like(x)
 
 
 def _conditional_config(**sampling):
