@@ -92,7 +92,8 @@ IMPORTS = code(
 DIGITS_RUN = code(
     '''
     from configs import digits
-    from diffusion_jax import models, sampling_run, train
+    from diffusion_jax import models
+    from diffusion_jax.runs import build, generate, restore, train
 
 
     def digits_config():
@@ -112,7 +113,7 @@ DIGITS_RUN = code(
     def train_or_restore(config, workdir):
         """(model, state): a finished run in `workdir` is restored, any other trained or resumed."""
         try:
-            model, state, step = train.restore_for_inference(config, str(workdir))
+            model, state, step = restore.restore_for_inference(config, str(workdir))
             if step >= config.training.num_steps:
                 print(f"Restored the finished run in {workdir} (step {step})")
                 return model, state
@@ -183,11 +184,12 @@ def quickstart() -> list[nbformat.NotebookNode]:
             toy_workdir = WORKDIR / "toy2d"
             shutil.rmtree(toy_workdir, ignore_errors=True)  # train from scratch each time
 
-            from diffusion_jax import models, sampling_run, train
+            from diffusion_jax import models
+    from diffusion_jax.runs import build, generate, restore, train
 
             toy_state = train.train_and_evaluate(toy_config, str(toy_workdir))
             toy_model = models.build_model(toy_config.model)
-            toy_params = train.inference_params(toy_state, toy_config)  # the EMA parameters
+            toy_params = restore.inference_params(toy_state, toy_config)  # the EMA parameters
             """
         ),
         md(
@@ -226,8 +228,8 @@ def quickstart() -> list[nbformat.NotebookNode]:
             """
             from diffusion_jax import data, samplers
 
-            toy_process = sampling_run.make_process(toy_config.diffusion)
-            apply_fn = sampling_run.network_fn(toy_model, train=False)
+            toy_process = build.make_process(toy_config.diffusion)
+            apply_fn = build.network_fn(toy_model, train=False)
             toy_model_fn = lambda x, t, cond=None: apply_fn(toy_params, x, t, cond, None)
 
             SAMPLER_STEPS = {
@@ -313,15 +315,15 @@ def quickstart() -> list[nbformat.NotebookNode]:
             """
             digits_cfg = digits_config()
             digits_model, digits_state = train_or_restore(digits_cfg, DIGITS_WORKDIR)
-            digits_params = train.inference_params(digits_state, digits_cfg)
+            digits_params = restore.inference_params(digits_state, digits_cfg)
 
             # 64 samples with the configured sampler (100 DDIM steps), as `--mode=sample` does.
-            generate = jax.jit(sampling_run.make_generate_fn(digits_cfg, digits_model, count=64))
-            images = np.asarray(generate(digits_params, jax.random.key(2)))  # [64, 8, 8, 1]
+            generate_digits = jax.jit(generate.make_generate_fn(digits_cfg, digits_model, count=64))
+            digit_samples = np.asarray(generate_digits(digits_params, jax.random.key(2)))  # [64, 8, 8, 1]
 
-            from diffusion_jax import metrics_writer
+            from diffusion_jax.runtime import images
 
-            grid = metrics_writer.image_grid(images, columns=8, scale=4)  # uint8 [H, W, C]
+            grid = images.image_grid(digit_samples, columns=8, scale=4)  # uint8 [H, W, C]
             plt.figure(figsize=(5, 5))
             plt.imshow(grid[..., 0], cmap="gray")
             plt.axis("off")
@@ -357,7 +359,7 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
 
             Every sampler of `diffusion_jax.samplers.SAMPLERS`, at several step counts, on
             1. an analytic 2-D Gaussian mixture whose optimal network is known in closed form
-               (`diffusion_jax.gaussian_mixture`): what remains is the sampler's own error;
+               (`diffusion_jax.diffusion.gaussian_mixture`): what remains is the sampler's own error;
             2. a trained digits model: what a user sees, the sampler's error on top of the
                network's.
 
@@ -395,9 +397,9 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
         ),
         code(
             """
-            from diffusion_jax import gaussian_mixture, samplers
-            from diffusion_jax import process as process_lib
-            from diffusion_jax.samplers import noise_schedule
+            from diffusion_jax import samplers
+            from diffusion_jax.diffusion import gaussian_mixture, noise_schedule
+            from diffusion_jax.diffusion import process as process_lib
 
             print("samplers:", list(samplers.SAMPLERS))
 
@@ -532,9 +534,9 @@ def samplers_notebook() -> list[nbformat.NotebookNode]:
 
             digits_cfg = digits_config()
             digits_model, digits_state = train_or_restore(digits_cfg, DIGITS_WORKDIR)
-            digits_params = train.inference_params(digits_state, digits_cfg)
-            digits_process, digits_prediction = sampling_run.sampling_schedule(digits_cfg.diffusion)
-            apply_fn = sampling_run.network_fn(digits_model, train=False)
+            digits_params = restore.inference_params(digits_state, digits_cfg)
+            digits_process, digits_prediction = generate.sampling_schedule(digits_cfg.diffusion)
+            apply_fn = build.network_fn(digits_model, train=False)
             digits_model_fn = lambda x, t, cond=None: apply_fn(digits_params, x, t, cond, None)
 
             extractor = features.digits_extractor(cache_path=str(WORKDIR / "digits_classifier.npz"))
@@ -592,7 +594,7 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
             Two ways to score data under a diffusion model, two different numbers:
             - the **variational bound** of the discrete chain (Ho et al. 2020, Eq. 5),
               L = L_T + sum_t L_t + L_0, an upper bound on -log p(x_0)
-              (`diffusion_jax.likelihood.bits_per_dim`; DDPM and Improved DDPM report it);
+              (`diffusion_jax.diffusion.likelihood.bits_per_dim`; DDPM and Improved DDPM report it);
             - the **probability-flow ODE likelihood** (Song et al. 2021, Sec. 4.3): the ODE maps
               data to noise deterministically and the change of variables gives log p exactly,
               up to the solver and Hutchinson's trace estimate
@@ -628,10 +630,9 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
         ),
         code(
             """
-            from diffusion_jax import gaussian_mixture, likelihood
-            from diffusion_jax import process as process_lib
+            from diffusion_jax.diffusion import gaussian_mixture, likelihood, noise_schedule
+            from diffusion_jax.diffusion import process as process_lib
             from diffusion_jax.evaluation import ode_likelihood
-            from diffusion_jax.samplers import noise_schedule
 
             MIXTURE = gaussian_mixture.example_mixture()
             PROCESS = process_lib.make_process("linear", 1000)
@@ -740,18 +741,18 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
         DIGITS_RUN,
         code(
             """
-            from diffusion_jax.evaluation import likelihood_eval
+            from diffusion_jax.runs import likelihood as likelihood_run
 
             digits_cfg = digits_config()
             digits_model, digits_state = train_or_restore(digits_cfg, DIGITS_WORKDIR)
-            digits_params = train.inference_params(digits_state, digits_cfg)
+            digits_params = restore.inference_params(digits_state, digits_cfg)
 
             digits_cfg.eval.batch_size, digits_cfg.eval.num_batches = DIGITS_IMAGES, 1
             digits_cfg.eval.ode_rtol = digits_cfg.eval.ode_atol = ODE_TOLERANCE
-            batch = next(likelihood_eval.eval_batches(digits_cfg))  # {"x": [B, 8, 8, 1], ...}
+            batch = next(likelihood_run.eval_batches(digits_cfg))  # {"x": [B, 8, 8, 1], ...}
 
-            process = sampling_run.make_process(digits_cfg.diffusion)
-            apply_fn = sampling_run.network_fn(digits_model, train=False)
+            process = build.make_process(digits_cfg.diffusion)
+            apply_fn = build.network_fn(digits_model, train=False)
             digits_bound = jax.jit(
                 lambda params, x, rng: likelihood.bits_per_dim(
                     process, lambda x_t, t: apply_fn(params, x_t, t, None, None), x, rng,
@@ -760,7 +761,7 @@ def likelihood_notebook() -> list[nbformat.NotebookNode]:
                     decoder=digits_cfg.eval.decoder,
                 )
             )(digits_params, batch["x"], jax.random.key(3))
-            ode_fn = jax.jit(likelihood_eval.make_ode_bits_per_dim_fn(digits_cfg, digits_model))
+            ode_fn = jax.jit(likelihood_run.make_ode_bits_per_dim_fn(digits_cfg, digits_model))
             digits_ode = ode_fn(digits_params, batch, jax.random.key(4))
             print(f"variational bound: {float(digits_bound['total'].mean()):.3f} bits/dim")
             print(f"ODE likelihood   : {float(digits_ode['bits_per_dim'].mean()):.3f} bits/dim "

@@ -123,7 +123,7 @@ def eval_config() -> ml_collections.ConfigDict:
     eval_.batch_size = 128
     eval_.num_batches = 4  # bits/dim on this many batches of data.eval_split
     eval_.decoder = "discretized"  # "discretized" (8-bit images) | "gaussian" (continuous data)
-    # --mode=eval (diffusion_jax/evaluation/run.py): the parameters are sampling.ema_index's.
+    # --mode=eval (diffusion_jax/runs/evaluate.py): the parameters are sampling.ema_index's.
     eval_.sampler = "ddim"  # sample-quality metrics: one run per num_steps x eta
     eval_.num_steps = (100,)
     eval_.etas = (0.0,)  # read only by samplers with an eta option (ddim)

@@ -12,9 +12,14 @@ intentionally kept short: each mode is one function call.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import compilation, host_memory, parallel
+from diffusion_jax.runs import evaluate, sample, train
+from diffusion_jax.runtime import compilation, host_memory, parallel
 
-MODES = ("train", "eval", "sample")
+RUNS = {
+    "train": train.train_and_evaluate,
+    "eval": evaluate.evaluate,
+    "sample": sample.sample,
+}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -24,7 +29,7 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_enum("mode", "train", list(RUNS), "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,18 +53,7 @@ def main(argv) -> None:
     parallel.initialize_distributed(config.parallel)
     compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
     logging.info("Config:\n%s", config)
-    if FLAGS.mode == "train":
-        from diffusion_jax import train
-
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        from diffusion_jax import sampling_run
-
-        sampling_run.sample(config, FLAGS.workdir)
-    else:
-        from diffusion_jax.evaluation import run as evaluation_run
-
-        evaluation_run.evaluate(config, FLAGS.workdir)
+    RUNS[FLAGS.mode](config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def task_command(
     if process_per not in PROCESS_PER:
         raise ValueError(f"process_per {process_per!r}: must be one of {', '.join(PROCESS_PER)}")
     if (wiring, process_per) == ("auto", "node"):
-        # diffusion_jax.parallel.initialize_distributed passes local_device_ids only with a
+        # diffusion_jax.runtime.parallel.initialize_distributed passes local_device_ids only with a
         # coordinator address, and jax alone would use 1 GPU per node under SLURM.
         raise ValueError(
             "wiring 'auto' with process_per 'node' would use one GPU per node; "

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 def main(address: str, process_id: int, delay_s: float, mode: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-    from diffusion_jax import compilation, parallel
+    from diffusion_jax.runtime import compilation, parallel
 
     mesh = parallel.make_mesh()
     rows = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))

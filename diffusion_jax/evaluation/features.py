@@ -26,7 +26,7 @@ import optax
 from sklearn.datasets import load_digits
 
 from diffusion_jax.data import digits as digits_data
-from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import inception, inception_weights
 from diffusion_jax.evaluation.metrics import FeatureStats
 
 
@@ -91,7 +91,7 @@ def load_inception_extractor(
     `require_standard_weights=False`; their feature space is then named
     "inception_v3_nonstandard" and their Frechet distance "fd_inception_nonstandard".
     """
-    variables, info = inception.load_inception_variables(path)
+    variables, info = inception_weights.load_inception_variables(path)
     if info.is_standard_fid_weights:
         return InceptionExtractor(variables, chunk_size=chunk_size)
     if require_standard_weights:
@@ -230,7 +230,7 @@ def train_digits_classifier(
 def save_digits_classifier(path: str | os.PathLike, trained: TrainedDigitsClassifier) -> None:
     """Write atomically (a temporary file, then a rename), so that the processes of a
     multi-host evaluation, which all train the same classifier, never leave a torn file."""
-    flat = inception.flatten_variables({"params": trained.params})
+    flat = inception_weights.flatten_variables({"params": trained.params})
     temporary = f"{os.fspath(path)}.tmp{os.getpid()}"
     with open(temporary, "wb") as file:
         np.savez(file, **flat, test_accuracy=np.asarray(trained.test_accuracy))
@@ -245,7 +245,9 @@ def load_digits_classifier(path: str | os.PathLike) -> TrainedDigitsClassifier:
         if "test_accuracy" not in archive.files or not flat:
             raise ValueError(f"{path}: not a digits classifier file (no params/test_accuracy)")
         test_accuracy = float(archive["test_accuracy"])
-    return TrainedDigitsClassifier(inception.unflatten_variables(flat)["params"], test_accuracy)
+    return TrainedDigitsClassifier(
+        inception_weights.unflatten_variables(flat)["params"], test_accuracy
+    )
 
 
 def digits_extractor(*, cache_path: str | os.PathLike | None = None, seed: int = 0):

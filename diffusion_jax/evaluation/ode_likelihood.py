@@ -18,7 +18,7 @@ u = (k + U) / L in [0, 1], U ~ U[0, 1)^D, and the model sees x = 2u - 1. Then
 -log2 P(k) <= -log2 p_x(x) / D + log2(L) - 1 per dimension in expectation over U: log2 L
 for the bin width 1/L of u, -1 for the factor 2 of x = 2u - 1 (for L = 256 the offset is 7, as
 score_sde's `log2(grad inverse_scaler) + 8`). This is not the discrete variational bound of
-`diffusion_jax.likelihood` (DDPM's bits/dim): the two are different numbers; report which.
+`diffusion_jax.diffusion.likelihood` (DDPM's bits/dim): the two are different numbers; report which.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers import common, noise_schedule, ode
+from diffusion_jax.diffusion import noise_schedule
+from diffusion_jax.samplers import common, ode
 
 DIVERGENCES = ("exact", "rademacher", "gaussian")
 SOLVERS = ode.SOLVERS

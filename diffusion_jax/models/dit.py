@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import Dtype, TimeEmbedding, attention, check_label, zeros_init
+from diffusion_jax.models.attention import attention
+from diffusion_jax.models.layers import Dtype, TimeEmbedding, check_label, zeros_init
 
 # Table 1 of Peebles & Xie 2023: name -> (depth, hidden_size, num_heads).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

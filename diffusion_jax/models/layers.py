@@ -84,15 +84,6 @@ class TimeEmbedding(nn.Module):
         return dense("dense_1")(hidden)  # [B, out_dim]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Scaled dot-product attention softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, Eq. 1).
-
-    Inputs are [B, L, heads, head_dim] in the compute dtype; the logits and the softmax are
-    float32 (``jax.nn.dot_product_attention`` does so), which keeps bfloat16 training stable.
-    """
-    return jax.nn.dot_product_attention(q, k, v)  # [B, L, heads, head_dim]
-
-
 def upsample_nearest(x: jax.Array) -> jax.Array:
     """Nearest-neighbour 2x upsampling of [B, H, W, C] by broadcasting (no gather)."""
     batch, height, width, channels = x.shape

@@ -23,12 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.attention import attention
 from diffusion_jax.models.dropout import dropout
 from diffusion_jax.models.group_norm import GroupNorm
 from diffusion_jax.models.layers import (
     Dtype,
     TimeEmbedding,
-    attention,
     check_label,
     default_init,
     downsample_avg,

@@ -33,11 +33,7 @@ import functools
 import inspect
 from collections.abc import Callable
 
-from diffusion_jax.samplers import ancestral, common, dpm_solver, edm, flow, ode, sde
-from diffusion_jax.samplers.ancestral import make_ddim_inversion
-from diffusion_jax.samplers.common import ModelFn, SampleFn
-from diffusion_jax.samplers.guidance import classifier_free_guidance
-from diffusion_jax.samplers.noise_schedule import (
+from diffusion_jax.diffusion.noise_schedule import (
     ContinuousSchedule,
     DiscreteSchedule,
     FlowSchedule,
@@ -45,6 +41,10 @@ from diffusion_jax.samplers.noise_schedule import (
     as_noise_schedule,
     continuous_schedule,
 )
+from diffusion_jax.samplers import ancestral, common, dpm_solver, edm, flow, ode, sde
+from diffusion_jax.samplers.ancestral import make_ddim_inversion
+from diffusion_jax.samplers.common import ModelFn, SampleFn
+from diffusion_jax.samplers.guidance import classifier_free_guidance
 
 SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     "ddpm": ancestral.make_ddpm_sampler,

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import process as process_lib
-from diffusion_jax import schedules
-from diffusion_jax.process import DiffusionProcess
+from diffusion_jax.diffusion import process as process_lib
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion.process import DiffusionProcess
 from diffusion_jax.samplers import common
 
 

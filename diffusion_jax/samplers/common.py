@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import parameterization
-from diffusion_jax.process import VARIANCE_TYPES, check_variance_type
+from diffusion_jax.diffusion import parameterization
+from diffusion_jax.diffusion.process import VARIANCE_TYPES, check_variance_type
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 SampleFn = Callable[..., tuple[jnp.ndarray, dict[str, jnp.ndarray]]]

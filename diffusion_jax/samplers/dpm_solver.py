@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers import common, noise_schedule
+from diffusion_jax.diffusion import noise_schedule
+from diffusion_jax.samplers import common
 
 ORDERS = (1, 2, 3)
 

@@ -14,8 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import schedules
-from diffusion_jax.samplers import common, noise_schedule
+from diffusion_jax.diffusion import noise_schedule, schedules
+from diffusion_jax.samplers import common
 
 
 def _sigma_range(schedule, sigma_min, sigma_max):

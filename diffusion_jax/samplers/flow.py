@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers import common, noise_schedule
+from diffusion_jax.diffusion import noise_schedule
+from diffusion_jax.samplers import common
 
 
 def make_flow_sampler(

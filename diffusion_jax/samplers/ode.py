@@ -12,7 +12,8 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers import common, noise_schedule
+from diffusion_jax.diffusion import noise_schedule
+from diffusion_jax.samplers import common
 
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 # New evaluations per attempted step: 7 stages, the first shared with the last of the step

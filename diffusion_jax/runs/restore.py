@@ -1,0 +1,66 @@
+"""The state of a run from its workdir: the latest checkpoint, or a fresh one to train."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+from diffusion_jax import models
+from diffusion_jax.runs import build, validate
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import checkpointing, optimizer, train_state
+from diffusion_jax.training.train_state import TrainState
+
+
+def build_model_and_optimizer(config: ml_collections.ConfigDict):
+    """(model, tx, lr_schedule) of the config's `model` and `optim` sections."""
+    model = models.build_model(config.model)
+    tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps=config.training.num_steps)
+    return model, tx, lr_schedule
+
+
+def restore_or_init(
+    strategy: parallel.Strategy, manager, create_fn: Callable, rng: jax.Array, iterator=None
+) -> TrainState:
+    """The latest checkpoint's state (and iterator position), else a fresh state."""
+    abstract = jax.eval_shape(create_fn, rng)
+    restored = checkpointing.restore_latest(manager, strategy.restore_target(abstract))
+    if restored is None:
+        return strategy.init_state(create_fn, rng)
+    state, data_state = restored
+    if iterator is not None:
+        iterator.set_state(data_state)
+    logging.info("Restored the checkpoint of step %d", int(state.step))
+    return strategy.place_restored(state)
+
+
+def inference_params(state: TrainState, config: ml_collections.ConfigDict, strategy=None):
+    """The EMA (or raw) parameters named by `sampling.ema_index`, ready for jit."""
+    params = train_state.ema_or_params(state, config.sampling.ema_index)
+    return params if strategy is None else strategy.params_for_inference(params)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
+    """(model, state, step) of the latest checkpoint in `workdir`, for sampling or evaluation."""
+    validate.validate(config)
+    strategy = parallel.make_strategy(config.parallel)
+    model, tx, _ = build_model_and_optimizer(config)
+    create_fn = build.make_create_fn(config, model, tx)
+    manager = checkpointing.make_checkpoint_manager(workdir, keep=config.training.keep_checkpoints)
+    rng = jax.random.key(config.training.seed)
+    try:
+        target = strategy.restore_target(jax.eval_shape(create_fn, rng))
+        restored = checkpointing.restore_latest(manager, target)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR}; "
+            "train first with --mode=train and the same --workdir."
+        )
+    state = restored[0]
+    return model, state, int(state.step)

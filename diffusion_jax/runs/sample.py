@@ -1,0 +1,35 @@
+"""--mode=sample: `sampling.num_images` samples from the latest checkpoint's EMA parameters.
+
+`sample(config, workdir)` writes `workdir/samples/sample_<step>.npz` ("samples" and, for a
+class-conditional model, "labels") and a PNG of them.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax.runs import generate, restore
+from diffusion_jax.runtime import compilation, images
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+    """--mode=sample: `sampling.num_images` samples from the latest checkpoint's EMA params."""
+    model, state, step = restore.restore_for_inference(config, workdir)
+    params = restore.inference_params(state, config)
+    generate_fn = compilation.CompiledTogether(
+        jax.jit(generate.make_generate_fn(config, model, count=config.sampling.batch_size)),
+        "generate",
+    )
+    samples, labels = generate.draw_samples(config, generate_fn, params)
+    directory = pathlib.Path(workdir) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
+    np.savez(directory / f"sample_{step}.npz", **arrays)
+    path = images.write_samples(directory, f"sample_{step}", samples)
+    logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
+    return path

@@ -1,0 +1,204 @@
+"""Checkpoints of a run: the train state and the data iterator's position, saved together.
+
+Orbax writes each checkpoint asynchronously into `workdir/checkpoints/<step>` (state with
+`StandardSave`, the iterator state with `JsonSave`) and keeps the last K. A checkpoint is
+committed only once fully written, so a process killed mid-save leaves the previous one
+intact. On restore:
+
+- a checkpoint whose parameters differ in names or shapes from the current model is
+  refused with a `ValueError` that names the differences (the workdir belongs to another
+  model); nothing is deleted;
+- a checkpoint that cannot be read is passed over for the previous one; once an older one
+  is restored, the newer unreadable ones are moved to `workdir/corrupted_checkpoints/<step>`
+  with a warning. If none can be read, nothing is moved and the error names each failure:
+  what fails on every checkpoint (device memory, storage) is not the checkpoints' fault, and
+  a run must not silently start again from step 0.
+
+Restoring uses the shardings of the current mesh, so a run can continue on another number
+of devices.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPTED_DIR = "corrupted_checkpoints"
+
+
+def make_checkpoint_manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
+    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints."""
+    if keep < 1:
+        raise ValueError(f"training.keep_checkpoints={keep} must be >= 1")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True
+    )
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _leaf_name(path) -> str:
+    return ".".join(
+        str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path
+    )
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"params.conv_in.kernel": shape, ...} for every array leaf of a pytree."""
+    return {
+        _leaf_name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+    """One bool per array: all its values finite (one compiled program per state layout)."""
+    return jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(leaf)) for leaf in leaves])
+
+
+def _check_floats_finite(tree) -> None:
+    named = [
+        (_leaf_name(path), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+    ]
+    gathered = multihost_utils.process_allgather(
+        _finite_flags([leaf for _, leaf in named]), tiled=True
+    )  # [L] of global arrays; [processes x L] of each process's own (pmap's)
+    flags = np.asarray(gathered).reshape(-1, len(named)).all(axis=0)
+    bad = [name for (name, _), finite in zip(named, flags, strict=True) if not finite]
+    if bad:
+        raise FloatingPointError(
+            f"refusing to save a checkpoint: non-finite values in {', '.join(bad[:5])}"
+        )
+
+
+def save(
+    manager: ocp.CheckpointManager, state, data_state: dict, *, step: int, force: bool = False
+) -> bool:
+    """Start an asynchronous save of (state, data iterator state); never a non-finite state."""
+    _check_floats_finite({"params": state.params, "ema_params": state.ema_params})
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+    )
+
+
+def describe_mismatch(saved: dict, expected: dict) -> str:
+    """The arrays missing, unexpected or of another shape (at most 5 of each, parameters
+    first)."""
+
+    def params_first(names):
+        return sorted(names, key=lambda name: (not name.startswith("params."), name))
+
+    missing = params_first(set(expected) - set(saved))
+    unexpected = params_first(set(saved) - set(expected))
+    reshaped = [
+        f"{name}: saved {saved[name]}, model {expected[name]}"
+        for name in params_first(set(saved) & set(expected))
+        if saved[name] != expected[name]
+    ]
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
+        if names:
+            parts.append(f"{label}: " + "; ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+    return " | ".join(parts)
+
+
+def _check_same_model(manager: ocp.CheckpointManager, step: int, target) -> None:
+    metadata = manager.item_metadata(step)["state"]
+    saved = leaf_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+    mismatch = describe_mismatch(saved, leaf_shapes(target))
+    if mismatch:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} belongs to a different model "
+            f"or training setup ({mismatch}). Use another --workdir, or restore the config "
+            "that wrote it."
+        )
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    if jax.process_index() == 0:
+        corrupted = manager.directory.parent / CORRUPTED_DIR
+        corrupted.mkdir(exist_ok=True)
+        destination = corrupted / str(step)
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.move(str(manager.directory / str(step)), str(destination))
+    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target) -> tuple[object, dict]:
+    _check_same_model(manager, step, target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["data"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict] | None:
+    """(state, data iterator state) of the newest readable checkpoint, or None if there is none.
+
+    `target` is the abstract state (`jax.ShapeDtypeStruct`s with the shardings to restore
+    onto). Raises RuntimeError, moving nothing, if no checkpoint can be read.
+    """
+    failures = {}
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = _restore_step(manager, step, target)
+        except Exception as error:  # noqa: BLE001  (judged below, against the older ones)
+            if isinstance(error, ValueError) and "belongs to a different model" in str(error):
+                raise
+            logging.warning(
+                "Checkpoint %d in %s cannot be read: %r", step, manager.directory, error
+            )
+            failures[step] = error
+            continue
+        for unreadable, error in failures.items():
+            _set_aside_unreadable(manager, unreadable, error)
+        return restored
+    if failures:
+        listed = "; ".join(
+            f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures.items()
+        )
+        raise RuntimeError(
+            f"No checkpoint in {manager.directory} could be restored ({listed}). Nothing was "
+            f"moved: if they are damaged, move them away to start afresh."
+        )
+    return None
+
+
+def _set_aside_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    logging.warning(
+        "Checkpoint %d in %s could not be read (%s: %s) but an older one could; moving it to %s.",
+        step,
+        manager.directory,
+        type(error).__name__,
+        str(error)[:300],
+        manager.directory.parent / CORRUPTED_DIR,
+    )
+    _set_aside(manager, step)
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Steps of the committed checkpoints in a workdir (for tests and tools)."""
+    directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
