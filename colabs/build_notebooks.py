@@ -185,7 +185,7 @@ def quickstart() -> list[nbformat.NotebookNode]:
             shutil.rmtree(toy_workdir, ignore_errors=True)  # train from scratch each time
 
             from diffusion_jax import models
-    from diffusion_jax.runs import build, generate, restore, train
+            from diffusion_jax.runs import build, generate, restore, train
 
             toy_state = train.train_and_evaluate(toy_config, str(toy_workdir))
             toy_model = models.build_model(toy_config.model)

@@ -98,6 +98,9 @@ def training_config() -> ml_collections.ConfigDict:
     training.sample_every = 50_000  # 0: never; a grid is always written at the end
     training.eval_every = 0  # bits/dim on data.eval_split; 0: never
     training.on_nonfinite = "skip"  # "skip" the update | "stop" the run
+    # With "skip": stop (an error naming the step and the last finite loss) when this many
+    # updates in a row were skipped, as a diverged run skips every one; 0: never stop.
+    training.max_consecutive_skips = 20
     training.progress_bar = True
     return training
 

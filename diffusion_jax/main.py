@@ -5,21 +5,34 @@
         --config.training.num_steps=100
     python -m diffusion_jax.main --config configs/cifar10.py --workdir /tmp/cifar10 --mode sample
 
-The same command runs on one CPU, one GPU, eight TPU cores or a TPU pod. This file is
-intentionally kept short: each mode is one function call.
+The same command runs on one CPU, one GPU, eight TPU cores or a TPU pod. The console shows
+the run's progress, its warnings and a closing summary; everything else JAX, Orbax and absl
+log goes to WORKDIR/logs/<mode>.log (`--verbosity=0` shows it on the console too). An error
+is one line naming what to fix, its traceback in that file. This file is intentionally kept
+short: each mode is one function call.
 """
 
+import pathlib
+import sys
+import tempfile
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax.runs import evaluate, sample, train
-from diffusion_jax.runtime import compilation, host_memory, parallel
+from diffusion_jax.runtime import compilation, console, host_memory, parallel
 
 RUNS = {
     "train": train.train_and_evaluate,
     "eval": evaluate.evaluate,
     "sample": sample.sample,
 }
+
+INTERRUPTED = (
+    "stopped at once by a second Ctrl-C; the run continues from its last checkpoint when "
+    "started again"
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -44,16 +57,39 @@ def check_workdir(workdir: str) -> None:
         )
 
 
+def log_file(workdir: str, mode: str, process_index: int) -> pathlib.Path:
+    """WORKDIR/logs/<mode>.log (process 0; <mode>.process_<i>.log for the others); sampling or
+    evaluating a workdir that holds no checkpoints leaves it untouched, and logs to the
+    temporary directory instead."""
+    name = mode if process_index == 0 else f"{mode}.process_{process_index}"
+    workdir = pathlib.Path(workdir)
+    if mode == "train" or (workdir / "checkpoints").is_dir():
+        return workdir / "logs" / f"{name}.log"
+    return pathlib.Path(tempfile.gettempdir()) / f"diffusion_jax_{name}.log"
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     check_workdir(FLAGS.workdir)
+    verbose = FLAGS["verbosity"].present
+    logs = console.LogRouting(verbose=verbose)
     host_memory.retain_freed_memory()  # before JAX creates its CPU client: no page faults per step
-    parallel.initialize_distributed(config.parallel)
-    compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
-    logging.info("Config:\n%s", config)
-    RUNS[FLAGS.mode](config, FLAGS.workdir)
+    try:
+        parallel.initialize_distributed(config.parallel)
+        logs.to_file(log_file(FLAGS.workdir, FLAGS.mode, jax.process_index()))
+        compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
+        logging.info("Config:\n%s", config)
+        RUNS[FLAGS.mode](config, FLAGS.workdir)
+    except KeyboardInterrupt as interrupt:  # a second Ctrl-C: stop at once, no traceback
+        console.report_error(interrupt, logs.path, message=INTERRUPTED)
+        sys.exit(130)
+    except Exception as error:
+        if verbose:
+            raise
+        console.report_error(error, logs.path)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -361,7 +361,8 @@ def test_local_launcher_trains_with_pmap_on_two_processes_of_two_devices(tmp_pat
     losses_0, losses_1 = reported_losses(output, 0), reported_losses(output, 1)
     assert losses_0 and losses_0 == losses_1
     output, steps = _train_with_pmap(tmp_path, 6, capsys)  # resumed from step 4's checkpoint
-    assert "Restored the checkpoint of step 4" in output, output[-4000:]
+    log = (tmp_path / "logs" / "train.log").read_text()  # INFO lines go there, not the console
+    assert "Restored the checkpoint of step 4" in log, output[-4000:]
     assert steps == [2, 4, 6]
 
 

@@ -41,7 +41,7 @@ from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import sample_quality
 from diffusion_jax.runs import generate, restore
 from diffusion_jax.runs import likelihood as likelihood_eval
-from diffusion_jax.runtime import compilation, parallel
+from diffusion_jax.runtime import compilation, console, parallel, progress
 
 EVAL_DIR = "eval"
 EXTRACTORS = ("auto", "digits", "inception")
@@ -139,12 +139,21 @@ def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalI
     generate = make_sharded_generate(config, model, mesh, setting)
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), setting["num_steps"])
     num_batches = -(-config.eval.num_samples // config.eval.batch_size)
+    eta = "" if setting["eta"] is None else f", eta {setting['eta']:g}"
+    bar = progress.ProgressBar(
+        f"evaluation: sampling ({setting['sampler']}, {setting['num_steps']} steps{eta})",
+        num_batches * config.eval.batch_size,
+        unit="img",
+        enabled=config.training.progress_bar and jax.process_index() == 0,
+    )
     images, positions = [], []
     for index in range(num_batches):
         offset = jnp.asarray(index * config.eval.batch_size, jnp.int32)
         batch = generate(params, jax.random.fold_in(rng, index), offset)
         images.append(parallel.local_rows(batch))
         positions.append(index * config.eval.batch_size + parallel.local_row_positions(batch))
+        bar.update((index + 1) * config.eval.batch_size)
+    bar.close()
     return LocalImages(np.concatenate(images), np.concatenate(positions))
 
 
@@ -265,4 +274,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Step %d, likelihood %s: %s", step, name, report["likelihood"][name])
     path = write_report(workdir, report)
     logging.info("Wrote the evaluation of step %d (%s) to %s", step, report["params"], path)
+    if jax.process_index() == 0:
+        show_summary(report, path)
     return report
+
+
+def show_summary(report: dict, path: pathlib.Path) -> None:
+    """The report's figures, one row per sampler setting and likelihood."""
+    rows = []
+    for entry in report.get("samples", []):
+        eta = "" if entry["eta"] is None else f", eta {entry['eta']:g}"
+        name = f"{entry['sampler']} {entry['num_steps']}{eta}"
+        figures = {k: v for k, v in entry.items() if isinstance(v, float)}
+        rows.append((name, ", ".join(f"{k} {v:.4g}" for k, v in figures.items())))
+    for name, result in report["likelihood"].items():
+        rows.append(
+            (name, f"{result['bits_per_dim']:.4f} bits/dim (+- {result['standard_error']:.2g})")
+        )
+    rows.append(("report", path))
+    console.print_summary(
+        f"evaluation of the checkpoint of step {report['step']} ({report['params']})", rows
+    )

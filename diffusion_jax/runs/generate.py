@@ -25,6 +25,7 @@ import numpy as np
 from diffusion_jax import models, samplers
 from diffusion_jax.diffusion import losses, noise_schedule
 from diffusion_jax.runs.build import make_process, network_fn
+from diffusion_jax.runtime import progress
 
 
 def sampling_schedule(diffusion: ml_collections.ConfigDict):
@@ -115,10 +116,13 @@ def draw_samples(config: ml_collections.ConfigDict, generate: Callable, params):
     balanced across batches); labels None for an unconditional model."""
     count, batch_size = config.sampling.num_images, config.sampling.batch_size
     rng = jax.random.key(config.sampling.seed)
+    bar = progress.ProgressBar("sampling", count, unit="img", enabled=config.training.progress_bar)
     batches = []
     for index in range(-(-count // batch_size)):
         offset = jnp.asarray(index * batch_size, jnp.int32)
         batch = generate(params, jax.random.fold_in(rng, index), offset)
         batches.append(np.asarray(jax.device_get(batch)))
+        bar.update(min((index + 1) * batch_size, count))
+    bar.close()
     labels = sample_labels(config, count)
     return np.concatenate(batches)[:count], None if labels is None else np.asarray(labels)

@@ -27,7 +27,7 @@ from diffusion_jax import data
 from diffusion_jax.diffusion import losses
 from diffusion_jax.evaluation import ode_likelihood
 from diffusion_jax.runs import build, generate
-from diffusion_jax.runtime import compilation, parallel
+from diffusion_jax.runtime import compilation, parallel, progress
 
 LIKELIHOODS = ("vlb", "ode")
 DESCRIPTIONS = {
@@ -133,11 +133,19 @@ def evaluate_likelihood(name: str, config: ml_collections.ConfigDict, model, par
     batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), LIKELIHOODS.index(name))
     values, nfes = [], []
+    bar = progress.ProgressBar(
+        f"evaluation: {name} likelihood",
+        config.eval.num_batches,
+        unit="batch",
+        enabled=config.training.progress_bar and jax.process_index() == 0,
+    )
     for index, local_batch in enumerate(eval_batches(config)):
         batch = parallel.global_batch(local_batch, batch_sharding)
         result = parallel.to_host(jitted(params, batch, jax.random.fold_in(rng, index)))
         values.append(result["bits_per_dim"])
         nfes.append(result.get("nfe", config.diffusion.num_timesteps))
+        bar.update(index + 1, bits_per_dim=float(np.mean(np.concatenate(values))))
+    bar.close()
     if not values:
         raise ValueError(f"data.eval_split={config.data.eval_split!r} gave no batch")
     values = np.concatenate(values)

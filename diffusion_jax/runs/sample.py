@@ -7,6 +7,7 @@ class-conditional model, "labels") and a PNG of them.
 from __future__ import annotations
 
 import pathlib
+import time
 
 import jax
 import ml_collections
@@ -14,11 +15,12 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax.runs import generate, restore
-from diffusion_jax.runtime import compilation, images
+from diffusion_jax.runtime import compilation, console, images, progress
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     """--mode=sample: `sampling.num_images` samples from the latest checkpoint's EMA params."""
+    start = time.monotonic()
     model, state, step = restore.restore_for_inference(config, workdir)
     params = restore.inference_params(state, config)
     generate_fn = compilation.CompiledTogether(
@@ -29,7 +31,16 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     directory = pathlib.Path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
-    np.savez(directory / f"sample_{step}.npz", **arrays)
+    arrays_path = directory / f"sample_{step}.npz"
+    np.savez(arrays_path, **arrays)
     path = images.write_samples(directory, f"sample_{step}", samples)
     logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
+    if jax.process_index() == 0:
+        seconds = time.monotonic() - start
+        console.print_summary(
+            f"sampling finished: {len(samples)} samples of the checkpoint of step {step} "
+            f"({config.sampling.sampler}, {config.sampling.num_steps} steps) in "
+            f"{progress.format_duration(seconds)}",
+            [("arrays", arrays_path), ("picture", path)],
+        )
     return path

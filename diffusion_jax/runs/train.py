@@ -7,6 +7,7 @@ workdir, with sample grids and bits/dim evaluations along the way.
 from __future__ import annotations
 
 import pathlib
+import time
 
 import jax
 import ml_collections
@@ -15,9 +16,11 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.runs import build, generate, restore, validate
-from diffusion_jax.runtime import compilation, images, metrics_writer, parallel
+from diffusion_jax.runtime import compilation, console, images, metrics_writer, parallel, progress
 from diffusion_jax.training import checkpointing, loop, preemption, train_step
 from diffusion_jax.training.train_state import TrainState
+
+SUMMARY_FILE = "summary.json"
 
 
 def loop_options(config: ml_collections.ConfigDict) -> loop.LoopOptions:
@@ -30,6 +33,8 @@ def loop_options(config: ml_collections.ConfigDict) -> loop.LoopOptions:
         sample_every=training.sample_every,
         eval_every=training.eval_every,
         stop_on_nonfinite=training.on_nonfinite == "stop",
+        max_consecutive_skips=training.max_consecutive_skips,
+        progress_bar=training.progress_bar,
     )
 
 
@@ -51,25 +56,26 @@ def check_evaluation_data(config: ml_collections.ConfigDict, num_devices: int) -
 
 
 def make_sample_grid_hook(config, model, strategy, writer, workdir: pathlib.Path, rng):
-    """`hook(state, step, final=False)`: samples of the EMA parameters with the configured
-    sampler, as workdir/samples/step_<step>.png (and TensorBoard; workdir/samples.png at the
-    end)."""
+    """`hook(state, step, final=False) -> path`: samples of the EMA parameters with the
+    configured sampler, as workdir/samples/step_<step>.png (and TensorBoard; at the end
+    workdir/samples.png, the path returned)."""
     count = config.sampling.num_images
     generate_fn = compilation.CompiledTogether(
         jax.jit(generate.make_generate_fn(config, model, count=count)), "generate"
     )
 
-    def write_sample_grid(state: TrainState, step: int, *, final: bool = False) -> None:
+    def write_sample_grid(state: TrainState, step: int, *, final: bool = False):
         params = restore.inference_params(state, config, strategy)
         samples = parallel.to_host(generate_fn(params, rng))
         if jax.process_index() != 0:
             return
         path = images.write_samples(workdir / "samples", f"step_{step:07d}", samples)
         if final:
-            images.write_samples(workdir, "samples", samples)
+            path = images.write_samples(workdir, "samples", samples)
         if samples.ndim == 4:
             writer.write_image(step, "samples", images.image_grid(samples))
         logging.info("Wrote samples of step %d to %s", step, path)
+        return path
 
     return write_sample_grid
 
@@ -135,7 +141,6 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     writer = metrics_writer.MetricsWriter(
         workdir,
         enabled=jax.process_index() == 0,
-        progress_bar=config.training.progress_bar,
         start_step=int(strategy.checkpointable(state).step),
     )
     return loop.Trainer(
@@ -146,20 +151,80 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         data_iterator=iterator,
         manager=manager,
         writer=writer,
-        sigterm=preemption.SigtermFlag(),
+        stop_flag=preemption.StopFlag(),
         rng=train_rng,
         on_sample=make_sample_grid_hook(config, model, strategy, writer, workdir, sample_rng),
         on_eval=make_bits_per_dim_hook(config, model, strategy, writer, sample_rng),
     )
 
 
+def training_summary(trainer: loop.Trainer, workdir: pathlib.Path, samples) -> dict:
+    """What the run did: steps, losses, skipped updates, time, and where its outputs are."""
+    record, options = trainer.record, trainer.options
+    end = trainer.host_step
+    seconds = time.monotonic() - record.start_time
+    latest = trainer.manager.latest_step()
+    steady = record.steady_steps_per_s(end)
+    return {
+        "status": "finished" if record.stopped_by is None else f"stopped for {record.stopped_by}",
+        "steps": {"start": record.start_step, "end": end, "num_steps": options.num_steps},
+        "loss": {
+            "final": record.final_loss,
+            "best": record.best_loss,
+            "best_step": record.best_step,
+        },
+        "skipped_updates": record.skipped,
+        "wall_time_s": seconds,
+        # after the first logged window, which holds the compilation (None: too short a run)
+        "img_per_s": None if steady is None else steady * options.batch_size,
+        "checkpoint": None if latest is None else str(trainer.manager.directory / str(latest)),
+        "samples": None if samples is None else str(samples),
+        "eval_bits_per_dim": None
+        if record.last_eval is None
+        else {"step": record.last_eval[0], "value": record.last_eval[1]},
+    }
+
+
+def show_summary(summary: dict, path: pathlib.Path) -> None:
+    steps, loss = summary["steps"], summary["loss"]
+    losses = None
+    if loss["final"] is not None:
+        losses = f"final {loss['final']:.4g}, best {loss['best']:.4g} at step {loss['best_step']}"
+    evaluated = summary["eval_bits_per_dim"]
+    console.print_summary(
+        f"training {summary['status']}: steps {steps['start']} -> {steps['end']} of "
+        f"{steps['num_steps']} in {progress.format_duration(summary['wall_time_s'])}"
+        + (f" ({summary['img_per_s']:.3g} img/s)" if summary["img_per_s"] else ""),
+        [
+            ("loss", losses),
+            ("skipped", f"{summary['skipped_updates']} updates (non-finite loss or gradient)"),
+            ("checkpoint", summary["checkpoint"]),
+            ("samples", summary["samples"]),
+            ("bits/dim", evaluated and f"{evaluated['value']:.4f} at step {evaluated['step']}"),
+            ("summary", path),
+        ],
+    )
+
+
+def write_summary(trainer: loop.Trainer, workdir: pathlib.Path, samples) -> dict:
+    """The closing summary on the console and as WORKDIR/summary.json (process 0)."""
+    summary = training_summary(trainer, workdir, samples)
+    path = workdir / SUMMARY_FILE
+    if jax.process_index() == 0:
+        path.write_text(metrics_writer.dumps(summary, indent=2) + "\n")
+        show_summary(summary, path)
+    return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the latest checkpoint in `workdir`), log, sample and evaluate."""
     validate.validate(config)
     trainer = setup_trainer(config, workdir)
+    samples = None
     try:
         if loop.train_loop(trainer):
-            trainer.on_sample(trainer.state, trainer.host_step, final=True)
+            samples = trainer.on_sample(trainer.state, trainer.host_step, final=True)
     finally:
         trainer.close()
+    write_summary(trainer, pathlib.Path(workdir), samples)
     return trainer.state

@@ -70,6 +70,7 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     _check_positive(training.sample_every, "training.sample_every", minimum=0)
     _check_positive(training.eval_every, "training.eval_every", minimum=0)
     _check_choice(training.on_nonfinite, ("skip", "stop"), "training.on_nonfinite")
+    _check_positive(training.max_consecutive_skips, "training.max_consecutive_skips", minimum=0)
     if not training.ema_decays or not all(0.0 <= d < 1.0 for d in training.ema_decays):
         raise ValueError(
             f"training.ema_decays={tuple(training.ema_decays)}: give one or more decay rates "

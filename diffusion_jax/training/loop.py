@@ -4,12 +4,14 @@
     finished = train_loop(trainer)
 
 It reads a small frozen `LoopOptions`, not the config; what to do with samples and
-evaluations is the run's business, handed in as hooks `(state, step) -> None`.
+evaluations is the run's business, handed in as hooks `(state, step) -> None`. What the run
+did (steps, losses, skipped updates, why it stopped) is kept in `trainer.record`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -17,11 +19,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax.runtime import metrics_writer, parallel
+from diffusion_jax.runtime import metrics_writer, parallel, progress
 from diffusion_jax.training import checkpointing, preemption
 from diffusion_jax.training.train_state import TrainState
 
 Hook = Callable[[TrainState, int], object]  # (state, step) -> anything; e.g. a sample grid
+
+
+class TrainingDiverged(FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,54 @@ class LoopOptions:
     sample_every: int = 0
     eval_every: int = 0
     stop_on_nonfinite: bool = False  # else a non-finite update is skipped (and counted)
+    max_consecutive_skips: int = 0  # > 0: stop when this many updates in a row are skipped
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class LoopRecord:
+    """What this run of the loop did, for its closing summary."""
+
+    start_step: int
+    start_time: float = dataclasses.field(default_factory=time.monotonic)
+    final_loss: float | None = None  # of the last logged window
+    best_loss: float | None = None  # the lowest logged window mean, at `best_step`
+    best_step: int | None = None
+    skipped: int = 0  # non-finite updates, not applied
+    skipped_in_a_row: int = 0
+    save_deferred: bool = False  # a checkpoint was due during skipped updates
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last applied update
+    observed_step: int = 0  # the last step whose metrics were read on the host
+    stopped_by: str | None = None  # the signal or sync point that stopped it early
+    last_eval: tuple[int, object] | None = None  # (step, what the eval hook returned)
+    first_window: tuple[int, float] | None = None  # (step, time) of the first log: compiled
+
+    def steady_steps_per_s(self, step: int) -> float | None:
+        """Steps per second after the first logged window (which holds the compilation)."""
+        if self.first_window is None or step <= self.first_window[0]:
+            return None
+        return (step - self.first_window[0]) / max(time.monotonic() - self.first_window[1], 1e-9)
+
+    def observe(self, step: int, metrics: dict) -> None:
+        """Count the outcome of step `step` (each step once, in order)."""
+        if step <= self.observed_step:
+            return
+        self.observed_step = step
+        finite, loss = jax.device_get((metrics["finite"], metrics["loss"]))
+        if bool(finite):
+            self.skipped_in_a_row, self.last_finite = 0, (step, float(loss))
+        else:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+
+    def observe_window(self, step: int, loss: float) -> None:
+        if self.first_window is None:
+            self.first_window = (step, time.monotonic())
+        if not math.isfinite(loss):
+            return
+        self.final_loss = loss
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step = loss, step
 
 
 @dataclasses.dataclass
@@ -48,10 +102,11 @@ class Trainer:
     data_iterator: object  # next() -> this process's batch; get_state() / close()
     manager: object  # orbax CheckpointManager
     writer: metrics_writer.MetricsWriter
-    sigterm: preemption.SigtermFlag
+    stop_flag: preemption.StopFlag
     rng: jax.Array
     on_sample: Hook | None = None
     on_eval: Hook | None = None
+    record: LoopRecord | None = None
 
     @property
     def host_step(self) -> int:
@@ -61,7 +116,7 @@ class Trainer:
         self.manager.wait_until_finished()
         self.manager.close()
         self.writer.close()
-        self.sigterm.close()
+        self.stop_flag.close()
         self.data_iterator.close()
 
 
@@ -103,14 +158,32 @@ def log_metrics(trainer: Trainer, step: int, pending: list[dict], throughput: Th
         "steps_per_s": steps_per_s,
     }
     trainer.writer.write_scalars(step, scalars)
-    trainer.writer.progress(
-        step,
-        trainer.options.num_steps,
-        loss=scalars["loss"],
-        img_per_s=img_per_s,
-        steps_per_s=steps_per_s,
-    )
     return scalars
+
+
+def check_divergence(trainer: Trainer) -> None:
+    """Stop when `max_consecutive_skips` updates in a row were not applied (a diverged run
+    skips every update from then on), naming the step and the last finite loss."""
+    record, limit = trainer.record, trainer.options.max_consecutive_skips
+    if limit <= 0 or record.skipped_in_a_row < limit:
+        return
+    last = "no update was applied in this run"
+    if record.last_finite is not None:
+        last = (
+            f"the last finite loss was {record.last_finite[1]:.4g} at step {record.last_finite[0]}"
+        )
+    saved = trainer.manager.latest_step()
+    raise TrainingDiverged(
+        f"Training diverged: the last {record.skipped_in_a_row} updates, up to step "
+        f"{record.observed_step}, had a non-finite loss or gradient and were skipped; {last}. "
+        + (
+            f"The last checkpoint (step {saved}) is kept. "
+            if saved
+            else "No checkpoint was saved. "
+        )
+        + "Lower optim.learning_rate, or raise training.max_consecutive_skips "
+        f"(now {limit}; 0: never stop)."
+    )
 
 
 def stop_if_nonfinite(trainer: Trainer, step: int, metrics: dict) -> None:
@@ -129,42 +202,81 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def after_step(trainer: Trainer, step: int) -> None:
-    """Checkpoint first: a sample grid or an evaluation that fails loses no training."""
-    options = trainer.options
-    if _every(step, options.checkpoint_every):
-        save_checkpoint(trainer, step)
+def after_step(trainer: Trainer, step: int, metrics: dict) -> None:
+    """Checkpoint first: a sample grid or an evaluation that fails loses no training. No
+    checkpoint is saved while updates are being skipped (it could replace a good one with the
+    state of a diverging run): the save waits for the next applied update."""
+    options, record = trainer.options, trainer.record
+    if _every(step, options.checkpoint_every) or record.save_deferred:
+        record.observe(step, metrics)  # saving waits for this step anyway
+        record.save_deferred = record.skipped_in_a_row > 0
+        if not record.save_deferred:
+            save_checkpoint(trainer, step)
     if trainer.on_sample and _every(step, options.sample_every) and step < options.num_steps:
         trainer.on_sample(trainer.state, step)
     if trainer.on_eval and _every(step, options.eval_every):
-        trainer.on_eval(trainer.state, step)
+        record.last_eval = (step, trainer.on_eval(trainer.state, step))
+
+
+def _log_window(trainer: Trainer, bar, step: int, pending: list[dict], throughput) -> None:
+    """Log the steps since the last log (up to `step`) and show them on the progress bar."""
+    record = trainer.record
+    for offset, window_metrics in enumerate(pending):
+        record.observe(step - len(pending) + 1 + offset, window_metrics)
+    scalars = log_metrics(trainer, step, pending, throughput)
+    record.observe_window(step, scalars["loss"])
+    bar.update(step, loss=scalars["loss"], skipped=record.skipped or None)
 
 
 def train_loop(trainer: Trainer) -> bool:
-    """Train up to `options.num_steps`; returns False if stopped early by preemption."""
+    """Train up to `options.num_steps`; returns False if stopped early by a signal or the
+    pod's preemption sync point (after saving a checkpoint)."""
     options = trainer.options
     step = trainer.host_step
+    trainer.record = record = LoopRecord(start_step=step, observed_step=step)
+    bar = progress.ProgressBar(
+        "training",
+        options.num_steps,
+        unit="img",
+        items_per_step=options.batch_size,
+        start=step,
+        enabled=options.progress_bar,
+    )
     throughput, pending = Throughput(step), []
     # Steps dispatched ahead of the device: one more on accelerators keeps them busy. XLA:CPU
     # runs the collectives of all (fake) devices on one thread pool, where two executions in
     # flight can deadlock, so there each step waits for the previous one.
     in_flight = 1 if jax.default_backend() == "cpu" else 2
-    while step < options.num_steps:
-        batch = trainer.strategy.device_batch(next(trainer.data_iterator))
-        if len(pending) >= in_flight:
-            jax.block_until_ready(pending[-in_flight])
-        trainer.state, metrics = trainer.train_step(trainer.state, batch, trainer.rng)
-        step += 1
-        pending.append(metrics)
-        if options.stop_on_nonfinite:
-            stop_if_nonfinite(trainer, step, metrics)
-        if _every(step, options.log_every) or step == options.num_steps:
-            log_metrics(trainer, step, pending, throughput)
-            pending = []
-        after_step(trainer, step)
-        if preemption.preemption_requested(trainer.manager, trainer.sigterm, step):
-            save_checkpoint(trainer, step)
-            logging.warning("Stopped at step %d for preemption; the checkpoint is saved.", step)
-            return False
-    save_checkpoint(trainer, step)
-    return True
+    try:
+        while step < options.num_steps:
+            batch = trainer.strategy.device_batch(next(trainer.data_iterator))
+            if len(pending) >= in_flight:
+                done = pending[-in_flight]
+                jax.block_until_ready(done)
+                record.observe(step - in_flight + 1, done)  # read at no cost: it is done
+                check_divergence(trainer)
+            trainer.state, metrics = trainer.train_step(trainer.state, batch, trainer.rng)
+            step += 1
+            pending.append(metrics)
+            if options.stop_on_nonfinite:
+                stop_if_nonfinite(trainer, step, metrics)
+            if _every(step, options.log_every) or step == options.num_steps:
+                _log_window(trainer, bar, step, pending, throughput)
+                pending = []
+                check_divergence(trainer)
+            after_step(trainer, step, metrics)
+            if preemption.preemption_requested(trainer.manager, trainer.stop_flag, step):
+                save_checkpoint(trainer, step)
+                record.stopped_by = trainer.stop_flag.signal_name
+                logging.warning(
+                    "Stopped at step %d for %s; the checkpoint is saved.", step, record.stopped_by
+                )
+                return False
+        save_checkpoint(trainer, step)
+        return True
+    except TrainingDiverged:
+        if pending:  # the skipped updates of the last window are recorded too
+            _log_window(trainer, bar, step, pending, throughput)
+        raise
+    finally:
+        bar.close()

@@ -20,7 +20,7 @@ import pytest
 from diffusion_jax.training import checkpointing
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-LOSS_IN_LINE = re.compile(r"^step (\d+)/\d+ .* loss ([-+0-9.eE]+|nan)", re.MULTILINE)
+LOSS_IN_LINE = re.compile(r"^training (\d+)/\d+ .* loss ([-+0-9.eE]+|nan)", re.MULTILINE)
 OVERRIDES = [
     "--config.training.num_steps=6",
     "--config.training.log_every=2",

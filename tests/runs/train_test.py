@@ -150,7 +150,7 @@ def test_logged_loss_and_gradient_norm_average_the_applied_steps(tmp_path):
 
     run = types.SimpleNamespace(
         options=train.loop_options(digits.get_config("tiny")),
-        writer=metrics_writer.MetricsWriter(tmp_path, enabled=False, progress_bar=False),
+        writer=metrics_writer.MetricsWriter(tmp_path, enabled=False),
     )
     nan = float("nan")
     pending = [
@@ -349,8 +349,8 @@ def test_a_resumed_run_records_each_step_once(tmp_path, monkeypatch):
     )
     original = loop.after_step
 
-    def crash_at_step_3(run, step):
-        original(run, step)
+    def crash_at_step_3(run, step, metrics):
+        original(run, step, metrics)
         if step == 3:
             raise KeyboardInterrupt
 

@@ -127,13 +127,13 @@ def test_sigterm_is_left_to_jax_when_several_processes_run(monkeypatch):
     handler would replace its handler, and no process would ever reach the sync point."""
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    flag = preemption.SigtermFlag()
+    flag = preemption.StopFlag()
     assert signal.getsignal(signal.SIGTERM) is before
     flag.close()
 
 
 def test_sigterm_sets_the_flag_instead_of_killing():
-    flag = preemption.SigtermFlag()
+    flag = preemption.StopFlag()
     try:
         assert not flag.requested
         os.kill(os.getpid(), signal.SIGTERM)
