@@ -15,7 +15,12 @@ PRECISION_RECALL_NEIGHBOURS = 3  # k of Kynkaanniemi et al. 2019
 
 
 def check_enough_images(
-    count: int, what: str, wanted: tuple, feature_dim: int | None = None
+    count: int,
+    what: str,
+    wanted: tuple,
+    feature_dim: int | None = None,
+    *,
+    metrics_option: str = "eval.metrics",
 ) -> None:
     """Before any sampling: each metric's least number of images, of the samples or of the
     reference split (`what` names which)."""
@@ -24,14 +29,14 @@ def check_enough_images(
         raise ValueError(
             f"{what}={count}, but precision/recall needs each image's "
             f"{PRECISION_RECALL_NEIGHBOURS} nearest neighbours among the others: use at least "
-            f"{least_for_neighbours}, or drop 'precision_recall' from the metrics"
+            f"{least_for_neighbours}, or drop 'precision_recall' from {metrics_option}"
         )
     if feature_dim is not None and "frechet" in wanted and count <= feature_dim:
         raise ValueError(
             f"{what}={count} but the Frechet distance needs more images than the {feature_dim} "
             f"feature dimensions (the covariance is singular and the estimate strongly "
             f"biased): use at least {feature_dim + 1}, customarily 10,000 or 50,000, or drop "
-            "'frechet' from the metrics"
+            f"'frechet' from {metrics_option}"
         )
 
 

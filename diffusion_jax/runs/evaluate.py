@@ -144,6 +144,7 @@ def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalI
         f"evaluation: sampling ({setting['sampler']}, {setting['num_steps']} steps{eta})",
         num_batches * config.eval.batch_size,
         unit="img",
+        lines_off_terminal=10,
         enabled=config.training.progress_bar and jax.process_index() == 0,
     )
     images, positions = [], []

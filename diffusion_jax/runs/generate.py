@@ -116,7 +116,9 @@ def draw_samples(config: ml_collections.ConfigDict, generate: Callable, params):
     balanced across batches); labels None for an unconditional model."""
     count, batch_size = config.sampling.num_images, config.sampling.batch_size
     rng = jax.random.key(config.sampling.seed)
-    bar = progress.ProgressBar("sampling", count, unit="img", enabled=config.training.progress_bar)
+    bar = progress.ProgressBar(
+        "sampling", count, unit="img", lines_off_terminal=10, enabled=config.training.progress_bar
+    )
     batches = []
     for index in range(-(-count // batch_size)):
         offset = jnp.asarray(index * batch_size, jnp.int32)

@@ -137,6 +137,7 @@ def evaluate_likelihood(name: str, config: ml_collections.ConfigDict, model, par
         f"evaluation: {name} likelihood",
         config.eval.num_batches,
         unit="batch",
+        lines_off_terminal=10,
         enabled=config.training.progress_bar and jax.process_index() == 0,
     )
     for index, local_batch in enumerate(eval_batches(config)):

@@ -5,8 +5,9 @@
     bar.close()
 
 On a terminal the line rewrites itself; when the output is a file or a pipe (a cluster's log),
-each update is a line of its own, and the caller updates every N steps. Only the process
-that `enabled` says writes (process 0 of a multi-host run).
+each update is a line of its own, and the caller updates every N steps (or asks for
+`lines_off_terminal` evenly spaced lines). Only the process that `enabled` says writes
+(process 0 of a multi-host run).
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ class ProgressBar:
         start: int = 0,
         enabled: bool = True,
         stream: TextIO | None = None,
+        lines_off_terminal: int | None = None,
     ):
+        """`lines_off_terminal`: when the output is not a terminal, show only this many
+        evenly spaced updates (and the last), not every one."""
+        self.lines_off_terminal = lines_off_terminal
+        self._next_line = 0
         self.phase, self.total, self.unit = phase, total, unit
         self.items_per_step = items_per_step
         self.enabled = enabled
@@ -88,13 +94,21 @@ class ProgressBar:
             eta_s=eta,
             **figures,
         )
-        if self.enabled:
+        if self.enabled and self._shown(done):
             terminal = self.stream.isatty()
             end = "\r" if terminal and done < self.total else "\n"
             self.stream.write(("\x1b[2K" if terminal else "") + line + end)
             self.stream.flush()
             self._open = end == "\r"
         return line
+
+    def _shown(self, done: int) -> bool:
+        if self.lines_off_terminal is None or self.stream.isatty() or done >= self.total:
+            return True
+        if done < self._next_line:
+            return False
+        self._next_line = done + self.total / self.lines_off_terminal
+        return True
 
     def close(self) -> None:
         """End a line left open on a terminal."""

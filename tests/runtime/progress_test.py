@@ -46,3 +46,12 @@ def test_progress_line_and_duration_format():
         "training 120/1000 [##------------------] loss 0.0312 | skipped 3 | 410 img/s | ETA 0:03:12"
     )
     assert progress.format_duration(3725.4) == "1:02:05"
+
+
+def test_off_a_terminal_a_long_phase_shows_a_few_evenly_spaced_lines():
+    stream = io.StringIO()
+    bar = progress.ProgressBar("sampling", 1000, unit="img", stream=stream, lines_off_terminal=4)
+    for done in range(10, 1001, 10):
+        bar.update(done)
+    shown = [int(line.split()[1].split("/")[0]) for line in stream.getvalue().splitlines()]
+    assert shown == [10, 260, 510, 760, 1000]
