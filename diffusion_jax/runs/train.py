@@ -158,7 +158,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     )
 
 
-def training_summary(trainer: loop.Trainer, workdir: pathlib.Path, samples) -> dict:
+def training_summary(trainer: loop.Trainer, samples) -> dict:
     """What the run did: steps, losses, skipped updates, time, and where its outputs are."""
     record, options = trainer.record, trainer.options
     end = trainer.host_step
@@ -208,7 +208,7 @@ def show_summary(summary: dict, path: pathlib.Path) -> None:
 
 def write_summary(trainer: loop.Trainer, workdir: pathlib.Path, samples) -> dict:
     """The closing summary on the console and as WORKDIR/summary.json (process 0)."""
-    summary = training_summary(trainer, workdir, samples)
+    summary = training_summary(trainer, samples)
     path = workdir / SUMMARY_FILE
     if jax.process_index() == 0:
         path.write_text(metrics_writer.dumps(summary, indent=2) + "\n")
