@@ -10,9 +10,10 @@ intact. On restore:
   model); nothing is deleted;
 - a checkpoint that cannot be read is passed over for the previous one; once an older one
   is restored, the newer unreadable ones are moved to `workdir/corrupted_checkpoints/<step>`
-  with a warning. If none can be read, nothing is moved and the error names each failure:
-  what fails on every checkpoint (device memory, storage) is not the checkpoints' fault, and
-  a run must not silently start again from step 0.
+  with one warning each, naming the step and the cause (`orbax_workarounds` keeps orbax's
+  failed reads from printing a traceback each). If none can be read, nothing is moved and
+  the error names each failure: what fails on every checkpoint (device memory, storage) is
+  not the checkpoints' fault, and a run must not silently start again from step 0.
 
 Restoring uses the shardings of the current mesh, so a run can continue on another number
 of devices.
@@ -29,6 +30,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax.training import orbax_workarounds
+
 CHECKPOINT_DIR = "checkpoints"
 CORRUPTED_DIR = "corrupted_checkpoints"
 
@@ -37,6 +40,7 @@ def make_checkpoint_manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.Ch
     """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints."""
     if keep < 1:
         raise ValueError(f"training.keep_checkpoints={keep} must be >= 1")
+    orbax_workarounds.install()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True
     )
@@ -80,6 +84,21 @@ def _check_floats_finite(tree) -> None:
         raise FloatingPointError(
             f"refusing to save a checkpoint: non-finite values in {', '.join(bad[:5])}"
         )
+
+
+def describe_error(error: BaseException, *, limit: int = 500) -> str:
+    """The type and first line of an error's innermost cause (TensorStore's name the file and
+    end with the OS error, kept when a long one is shortened; orbax's wrappers add a page of
+    TensorStore spec)."""
+    while True:
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            break
+        error = cause
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [source locations=")[0] if lines else ""
+    text = text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-2 * limit // 3 :]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def save(
@@ -165,18 +184,19 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict
         except Exception as error:  # noqa: BLE001  (judged below, against the older ones)
             if isinstance(error, ValueError) and "belongs to a different model" in str(error):
                 raise
-            logging.warning(
-                "Checkpoint %d in %s cannot be read: %r", step, manager.directory, error
+            logging.info(
+                "Checkpoint %d in %s cannot be read: %s",
+                step,
+                manager.directory,
+                describe_error(error),
             )
             failures[step] = error
             continue
         for unreadable, error in failures.items():
-            _set_aside_unreadable(manager, unreadable, error)
+            _set_aside_unreadable(manager, unreadable, error, restored=step)
         return restored
     if failures:
-        listed = "; ".join(
-            f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures.items()
-        )
+        listed = "; ".join(f"step {s}: {describe_error(e)}" for s, e in failures.items())
         raise RuntimeError(
             f"No checkpoint in {manager.directory} could be restored ({listed}). Nothing was "
             f"moved: if they are damaged, move them away to start afresh."
@@ -184,13 +204,16 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict
     return None
 
 
-def _set_aside_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+def _set_aside_unreadable(
+    manager: ocp.CheckpointManager, step: int, error: Exception, *, restored: int
+) -> None:
     logging.warning(
-        "Checkpoint %d in %s could not be read (%s: %s) but an older one could; moving it to %s.",
+        "Checkpoint %d in %s could not be read (%s); restored step %d instead, moved %d to %s.",
         step,
         manager.directory,
-        type(error).__name__,
-        str(error)[:300],
+        describe_error(error),
+        restored,
+        step,
         manager.directory.parent / CORRUPTED_DIR,
     )
     _set_aside(manager, step)
