@@ -23,11 +23,20 @@ def build_model_and_optimizer(config: ml_collections.ConfigDict):
     return model, tx, lr_schedule
 
 
+def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str):
+    """The manager of `workdir/checkpoints` with the `training` section's options."""
+    return checkpointing.make_checkpoint_manager(
+        workdir, keep=config.training.keep_checkpoints, retries=config.training.checkpoint_retries
+    )
+
+
 def restore_or_init(
     strategy: parallel.Strategy, manager, create_fn: Callable, rng: jax.Array, iterator=None
 ) -> TrainState:
-    """The latest checkpoint's state (and iterator position), else a fresh state."""
+    """The latest checkpoint's state (and iterator position), else a fresh state; first,
+    CheckpointSaveError if the checkpoint directory has no room for one more checkpoint."""
     abstract = jax.eval_shape(create_fn, rng)
+    checkpointing.check_free_space(manager, checkpointing.checkpoint_bytes(abstract))
     restored = checkpointing.restore_latest(manager, strategy.restore_target(abstract))
     if restored is None:
         return strategy.init_state(create_fn, rng)

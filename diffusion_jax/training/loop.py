@@ -58,7 +58,7 @@ class Trainer:
         return int(self.strategy.checkpointable(self.state).step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        checkpointing.wait_for_save(self.manager)  # CheckpointSaveError if it failed
         self.manager.close()
         self.writer.close()
         self.sigterm.close()
@@ -162,6 +162,7 @@ def train_loop(trainer: Trainer) -> bool:
             log_metrics(trainer, step, pending, throughput)
             pending = []
         after_step(trainer, step)
+        checkpointing.raise_if_save_failed(trainer.manager, save_checkpoint, trainer, step)
         if preemption.preemption_requested(trainer.manager, trainer.sigterm, step):
             save_checkpoint(trainer, step)
             logging.warning("Stopped at step %d for preemption; the checkpoint is saved.", step)

@@ -24,10 +24,15 @@ OVERRIDES = {
     "sampling.num_steps": 2,
     "sampling.num_images": 4,
 }
-
-
 # Runs the entry point with writes beyond `limit` bytes per file failing (EFBIG: a real
 # write failure, with no mount needed; Python ignores SIGXFSZ, so writes return the error).
+FILE_SIZE_LIMITED = (
+    "import os, resource, sys; limit = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'diffusion_jax.main', *sys.argv[1:]])"
+)
+
+
 def _command(workdir, *extra: str, prefix: tuple = ("-m", "diffusion_jax.main"), **settings):
     overrides = {**OVERRIDES, **{key.replace("__", "."): v for key, v in settings.items()}}
     return [
@@ -72,6 +77,90 @@ def _logged_steps(workdir: pathlib.Path) -> list[int]:
     if not path.exists():
         return []
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- a failed save, a full disk
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_stops_the_run_with_one_message_and_it_resumes(tmp_path):
+    """Orbax writes in the background; a write that fails (here EFBIG, beyond a file size
+    limit) used to surface at the next save as hundreds of tracebacks."""
+    first = _run(_command(tmp_path, training__checkpoint_every=4))
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert checkpointing.checkpoint_steps(tmp_path) == [4]
+
+    limited = ("-c", FILE_SIZE_LIMITED, "300000")  # checkpoint data files are larger
+    failed = _run(
+        _command(tmp_path, prefix=limited, training__checkpoint_every=4, training__num_steps=20)
+    )
+    output = failed.stdout
+    assert failed.returncode != 0
+    messages = _lines_with(output, "Saving the checkpoint of step 8 to", "failed")
+    assert len(messages) == 1, output[-5000:]
+    assert str(tmp_path / "checkpoints") in messages[0] and "File too large" in messages[0]
+    assert _tracebacks(output) <= 1, output[-5000:]
+    assert "Event loop is closed" not in output
+    assert checkpointing.checkpoint_steps(tmp_path) == [4]  # the failed one never committed
+    assert max(_logged_steps(tmp_path)) <= 12  # stopped by the next save at the latest
+
+    resumed = _run(_command(tmp_path, training__checkpoint_every=4, training__num_steps=12))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "Restored the checkpoint of step 4" in resumed.stdout
+    assert checkpointing.checkpoint_steps(tmp_path) == [4, 8, 12]
+    assert _logged_steps(tmp_path) == list(range(1, 13))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(a tmpfs of 2 MiB, resize(size)); a skip where mounting needs privileges we lack (the
+    test above covers a failed write everywhere)."""
+    point = tmp_path / "disk"
+    point.mkdir()
+
+    def mount(size: str, *options: str) -> subprocess.CompletedProcess:
+        flags = ",".join((*options, f"size={size}"))
+        command = ["mount", "-t", "tmpfs", "-o", flags, "tmpfs", str(point)]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    mounted = mount("2m")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield point, lambda size: mount(size, "remount").check_returncode()
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_disk_too_small_for_a_checkpoint_is_refused_before_writing_it(small_disk):
+    """The tiny digits state needs about 3.36 MB a checkpoint (its first takes 1.3 MB)."""
+    disk, resize = small_disk
+    workdir = disk / "run"
+    refused = _run(_command(workdir))  # 2 MiB: not even one checkpoint fits
+    assert refused.returncode != 0
+    messages = _lines_with(refused.stdout, "Not enough free space for a checkpoint in")
+    assert len(messages) == 1 and str(workdir / "checkpoints") in messages[0], refused.stdout
+    assert "bytes free, about 3," in messages[0] and _tracebacks(refused.stdout) <= 1
+    assert _logged_steps(workdir) == []  # refused before the first step
+
+    resize("4m")  # the checkpoint of step 2 fits, then too little is left for step 4
+    stopped = _run(_command(workdir, training__num_steps=6))
+    output = stopped.stdout
+    assert stopped.returncode != 0
+    messages = _lines_with(output, "Not enough free space for the checkpoint of step 4 in")
+    assert len(messages) == 1, output[-5000:]
+    assert "the last good checkpoint, step 2, is intact" in messages[0]
+    assert _tracebacks(output) <= 1 and "Event loop is closed" not in output
+    assert checkpointing.checkpoint_steps(workdir) == [2]
+    assert max(_logged_steps(workdir)) == 4  # no step trained beyond the refused save
+
+    resize("64m")
+    resumed = _run(_command(workdir, training__num_steps=6))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "Restored the checkpoint of step 2" in resumed.stdout
+    assert checkpointing.checkpoint_steps(workdir) == [2, 4, 6]
+    assert _logged_steps(workdir) == list(range(1, 7))
 
 
 # ---------------------------------------------------------------- an unreadable checkpoint
