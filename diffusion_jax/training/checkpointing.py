@@ -64,17 +64,19 @@ _SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_checkpoint_manager(
-    workdir: str | pathlib.Path, *, keep: int, retries: int = 0
+    workdir: str | pathlib.Path, *, keep: int, create: bool = True, retries: int = 0
 ) -> ocp.CheckpointManager:
-    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints; `retries`: how
-    many failed saves in a row are saved again before the run stops."""
+    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints.
+
+    `create=False` (sampling, evaluation) leaves a workdir without checkpoints untouched;
+    `retries`: how many failed saves in a row are saved again before the run stops."""
     if keep < 1:
         raise ValueError(f"training.keep_checkpoints={keep} must be >= 1")
     if retries < 0:
         raise ValueError(f"training.checkpoint_retries={retries} must be >= 0")
     orbax_workarounds.install()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=True, create=True
+        max_to_keep=keep, enable_async_checkpointing=True, create=create
     )
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}

@@ -199,3 +199,19 @@ def test_an_unreadable_checkpoint_is_passed_over_with_one_warning_and_no_traceba
     assert "Restored the checkpoint of step 2" in output
     assert sorted(os.listdir(tmp_path / "corrupted_checkpoints")) == ["4", "6"]
     assert _logged_steps(tmp_path) == list(range(1, 7))
+
+
+# ---------------------------------------------------------------- inference on an empty workdir
+
+
+@pytest.mark.parametrize("mode", ["sample", "eval"])
+def test_sample_and_eval_leave_an_empty_or_missing_workdir_as_it_was(tmp_path, mode):
+    empty, missing = tmp_path / "empty", tmp_path / "missing"
+    empty.mkdir()
+    for workdir in (empty, missing):
+        # No JAX_COMPILATION_CACHE_DIR: the cache would go to workdir/compilation_cache.
+        completed = _run(_command(workdir, f"--mode={mode}"), shared_cache=False)
+        assert completed.returncode != 0
+        assert f"No checkpoint in {workdir / 'checkpoints'}" in completed.stdout
+        assert "train first with --mode=train" in completed.stdout
+    assert os.listdir(empty) == [] and not missing.exists()
