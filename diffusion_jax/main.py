@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax.runs import evaluate, sample, train
-from diffusion_jax.runtime import compilation, host_memory, parallel
+from diffusion_jax.runtime import compilation, host_memory, parallel, workdir
 
 RUNS = {
     "train": train.train_and_evaluate,
@@ -30,6 +30,7 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", list(RUNS), "What to do.")
+flags.DEFINE_bool("force", False, "Take over the workdir lock of another training run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,7 +54,8 @@ def main(argv) -> None:
     parallel.initialize_distributed(config.parallel)
     compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
     logging.info("Config:\n%s", config)
-    RUNS[FLAGS.mode](config, FLAGS.workdir)
+    with workdir.lock(FLAGS.workdir, force=FLAGS.force, exclusive=FLAGS.mode == "train"):
+        RUNS[FLAGS.mode](config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ work is lost (the previous checkpoint restores, metrics.jsonl holds each step on
 import json
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import tensorstore as ts
 
+from diffusion_jax.runtime import workdir as workdir_lib
 from diffusion_jax.training import checkpointing
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -161,6 +165,72 @@ def test_a_disk_too_small_for_a_checkpoint_is_refused_before_writing_it(small_di
     assert "Restored the checkpoint of step 2" in resumed.stdout
     assert checkpointing.checkpoint_steps(workdir) == [2, 4, 6]
     assert _logged_steps(workdir) == list(range(1, 7))
+
+
+# ---------------------------------------------------------------- the workdir's lock
+
+
+def _wait_for(path: pathlib.Path, process: subprocess.Popen, *, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "run A ended before taking the lock"
+        assert time.monotonic() < deadline, f"no {path} within the time limit"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_workdir_is_refused_and_names_the_first(tmp_path):
+    lock = tmp_path / workdir_lib.LOCK_FILE
+    run_a = subprocess.Popen(
+        _command(tmp_path, training__num_steps=100_000, training__checkpoint_every=10),
+        cwd=REPO_ROOT,
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lock, run_a)
+        owner = json.loads(lock.read_text())
+        assert owner["pid"] == run_a.pid and owner["host"] == socket.gethostname()
+        run_b = _run(_command(tmp_path))
+        assert run_b.returncode != 0
+        (message,) = _lines_with(run_b.stdout, "is in use by another training run")
+        assert f"pid {run_a.pid}" in message and socket.gethostname() in message
+        assert owner["started"] in message and "--force" in message and "--workdir" in message
+        assert run_a.poll() is None  # A was running all along
+        while not checkpointing.checkpoint_steps(tmp_path):  # A trains on, alone
+            assert run_a.poll() is None
+            time.sleep(0.2)
+    finally:
+        run_a.send_signal(signal.SIGTERM)  # A saves and ends cleanly
+        assert run_a.wait(timeout=300) == 0
+    steps = _logged_steps(tmp_path)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 10  # each step once
+    assert not lock.exists()  # released
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_and_force_takes_over_a_live_one(tmp_path):
+    lock = tmp_path / workdir_lib.LOCK_FILE
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid runs no more
+    dead = {"host": socket.gethostname(), "pid": ended.pid, "started": "2020-01-01T00:00:00"}
+    lock.write_text(json.dumps(dead))
+    stale = _run(_command(tmp_path, training__num_steps=2))
+    assert stale.returncode == 0, stale.stdout[-3000:]
+    (warning,) = _lines_with(stale.stdout, "Taking over the lock of", f"pid {ended.pid}")
+    assert "stale" in warning and "2020-01-01T00:00:00" in warning
+    assert not lock.exists()
+
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2020-01-02T00:00:00"}
+    lock.write_text(json.dumps(live))  # this test's own process: alive
+    refused = _run(_command(tmp_path, training__num_steps=2))
+    assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stdout
+    forced = _run(_command(tmp_path, "--force", training__num_steps=4))
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    (warning,) = _lines_with(forced.stdout, "Taking over the lock of", f"pid {os.getpid()}")
+    assert "--force" in warning
+    assert "Restored the checkpoint of step 2" in forced.stdout and not lock.exists()
 
 
 # ---------------------------------------------------------------- an unreadable checkpoint
