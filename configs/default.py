@@ -95,6 +95,8 @@ def training_config() -> ml_collections.ConfigDict:
     training.log_every = 100
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3
+    # a failed save is saved again this many times in a row before the run stops
+    training.checkpoint_retries = 0
     training.sample_every = 50_000  # 0: never; a grid is always written at the end
     training.eval_every = 0  # bits/dim on data.eval_split; 0: never
     training.on_nonfinite = "skip"  # "skip" the update | "stop" the run

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax.runs import evaluate, sample, train
-from diffusion_jax.runtime import compilation, console, host_memory, parallel
+from diffusion_jax.runtime import compilation, console, host_memory, parallel, workdir
 
 RUNS = {
     "train": train.train_and_evaluate,
@@ -43,6 +43,7 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", list(RUNS), "What to do.")
+flags.DEFINE_bool("force", False, "Take over the workdir lock of another training run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -81,7 +82,8 @@ def main(argv) -> None:
         logs.to_file(log_file(FLAGS.workdir, FLAGS.mode, jax.process_index()))
         compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
         logging.info("Config:\n%s", config)
-        RUNS[FLAGS.mode](config, FLAGS.workdir)
+        with workdir.lock(FLAGS.workdir, force=FLAGS.force, exclusive=FLAGS.mode == "train"):
+            RUNS[FLAGS.mode](config, FLAGS.workdir)
     except KeyboardInterrupt as interrupt:  # a second Ctrl-C: stop at once, no traceback
         console.report_error(interrupt, logs.path, message=INTERRUPTED)
         sys.exit(130)

@@ -10,6 +10,8 @@ a ValueError naming it when it is reached.
 Files that are not images of the data set are skipped (so they never make a class): hidden
 files and folders (names starting with ".", e.g. macOS `._name.png` AppleDouble files or
 `.ipynb_checkpoints/`) and anything under `__MACOSX/`; a hidden `data.folder_path` is fine.
+Other files without a PNG/JPEG suffix (notes.txt, labels.csv, but also .webp or .bmp images)
+are skipped too, and counted and named in one warning of the log, once per folder.
 
 Decoding: an EXIF Orientation tag is applied first (`PIL.ImageOps.exif_transpose`), so phone
 photographs come out upright as viewers show them. 16-bit grey PNGs (PIL modes "I;16",
@@ -23,6 +25,7 @@ import pathlib
 
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_jax.data import image_ops
@@ -39,17 +42,42 @@ def _is_skipped(relative: pathlib.Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
+def _scan(root: pathlib.Path) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+    """(PNG/JPEG files, other files) under `root`, recursively, sorted; hidden ones and
+    `__MACOSX/` in neither."""
+    images, others = [], []
+    for path in root.rglob("*"):
+        if not _is_skipped(path.relative_to(root)) and path.is_file():
+            (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    return sorted(images), sorted(others)
+
+
 def list_images(root: pathlib.Path) -> list[pathlib.Path]:
     """All PNG/JPEG files under `root`, recursively, in sorted (deterministic) order.
 
     Hidden files and folders and `__MACOSX/` are skipped (see the module docstring).
     """
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and not _is_skipped(path.relative_to(root))
-        and path.is_file()
+    return _scan(root)[0]
+
+
+_REPORTED_FOLDERS: set[str] = set()  # each folder's ignored files are logged once
+
+
+def _report_ignored(root: pathlib.Path, others: list[pathlib.Path], *, shown: int = 5) -> None:
+    if not others or str(root) in _REPORTED_FOLDERS:
+        return
+    _REPORTED_FOLDERS.add(str(root))
+    names = [str(path.relative_to(root)) for path in others[:shown]]
+    more = f", ... ({len(others) - shown} more)" if len(others) > shown else ""
+    logging.warning(
+        "Ignored %d file%s that %s not images (%s) in %s: %s%s",
+        len(others),
+        "" if len(others) == 1 else "s",
+        "is" if len(others) == 1 else "are",
+        "/".join(IMAGE_SUFFIXES),
+        root,
+        ", ".join(names),
+        more,
     )
 
 
@@ -116,7 +144,8 @@ def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSour
             f"allowed: {sorted(_PIL_MODES)}"
         )
     root = pathlib.Path(data_config.folder_path)
-    paths = list_images(root)
+    paths, others = _scan(root)
+    _report_ignored(root, others)
     if not paths:
         raise ValueError(
             f"data.folder_path={str(root)!r} holds no {IMAGE_SUFFIXES} files "

@@ -23,11 +23,23 @@ def build_model_and_optimizer(config: ml_collections.ConfigDict):
     return model, tx, lr_schedule
 
 
+def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str, *, create: bool = True):
+    """The manager of `workdir/checkpoints` with the `training` section's options."""
+    return checkpointing.make_checkpoint_manager(
+        workdir,
+        keep=config.training.keep_checkpoints,
+        create=create,
+        retries=config.training.checkpoint_retries,
+    )
+
+
 def restore_or_init(
     strategy: parallel.Strategy, manager, create_fn: Callable, rng: jax.Array, iterator=None
 ) -> TrainState:
-    """The latest checkpoint's state (and iterator position), else a fresh state."""
+    """The latest checkpoint's state (and iterator position), else a fresh state; first,
+    CheckpointSaveError if the checkpoint directory has no room for one more checkpoint."""
     abstract = jax.eval_shape(create_fn, rng)
+    checkpointing.check_free_space(manager, checkpointing.checkpoint_bytes(abstract))
     restored = checkpointing.restore_latest(manager, strategy.restore_target(abstract))
     if restored is None:
         return strategy.init_state(create_fn, rng)
@@ -45,12 +57,16 @@ def inference_params(state: TrainState, config: ml_collections.ConfigDict, strat
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
-    """(model, state, step) of the latest checkpoint in `workdir`, for sampling or evaluation."""
+    """(model, state, step) of the latest checkpoint in `workdir`, for sampling or evaluation.
+
+    A workdir without checkpoints is left as it was (nothing is created in it)."""
     validate.validate(config)
+    if not checkpointing.checkpoint_steps(workdir):
+        raise _no_checkpoint(workdir)
     strategy = parallel.make_strategy(config.parallel)
     model, tx, _ = build_model_and_optimizer(config)
     create_fn = build.make_create_fn(config, model, tx)
-    manager = checkpointing.make_checkpoint_manager(workdir, keep=config.training.keep_checkpoints)
+    manager = checkpoint_manager(config, workdir, create=False)
     rng = jax.random.key(config.training.seed)
     try:
         target = strategy.restore_target(jax.eval_shape(create_fn, rng))
@@ -58,9 +74,13 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
     finally:
         manager.close()
     if restored is None:
-        raise FileNotFoundError(
-            f"No checkpoint in {pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR}; "
-            "train first with --mode=train and the same --workdir."
-        )
+        raise _no_checkpoint(workdir)
     state = restored[0]
     return model, state, int(state.step)
+
+
+def _no_checkpoint(workdir: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"No checkpoint in {pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR}; "
+        "train first with --mode=train and the same --workdir."
+    )

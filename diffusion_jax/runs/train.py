@@ -17,7 +17,7 @@ from absl import logging
 from diffusion_jax import data
 from diffusion_jax.runs import build, generate, restore, validate
 from diffusion_jax.runtime import compilation, console, images, metrics_writer, parallel, progress
-from diffusion_jax.training import checkpointing, loop, preemption, train_step
+from diffusion_jax.training import loop, preemption, train_step
 from diffusion_jax.training.train_state import TrainState
 
 SUMMARY_FILE = "summary.json"
@@ -128,7 +128,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    manager = checkpointing.make_checkpoint_manager(workdir, keep=config.training.keep_checkpoints)
+    manager = restore.checkpoint_manager(config, workdir)
     state = restore.restore_or_init(strategy, manager, create_fn, init_rng, iterator)
     step_fn = train_step.make_train_step(
         build.make_loss_fn(config, model),

@@ -67,6 +67,7 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     _check_positive(training.log_every, "training.log_every")
     _check_positive(training.checkpoint_every, "training.checkpoint_every")
     _check_positive(training.keep_checkpoints, "training.keep_checkpoints")
+    _check_positive(training.checkpoint_retries, "training.checkpoint_retries", minimum=0)
     _check_positive(training.sample_every, "training.sample_every", minimum=0)
     _check_positive(training.eval_every, "training.eval_every", minimum=0)
     _check_choice(training.on_nonfinite, ("skip", "stop"), "training.on_nonfinite")

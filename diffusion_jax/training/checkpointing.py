@@ -10,18 +10,30 @@ intact. On restore:
   model); nothing is deleted;
 - a checkpoint that cannot be read is passed over for the previous one; once an older one
   is restored, the newer unreadable ones are moved to `workdir/corrupted_checkpoints/<step>`
-  with a warning. If none can be read, nothing is moved and the error names each failure:
-  what fails on every checkpoint (device memory, storage) is not the checkpoints' fault, and
-  a run must not silently start again from step 0.
+  with one warning each, naming the step and the cause (`orbax_workarounds` keeps orbax's
+  failed reads from printing a traceback each). If none can be read, nothing is moved and
+  the error names each failure: what fails on every checkpoint (device memory, storage) is
+  not the checkpoints' fault, and a run must not silently start again from step 0.
 
 Restoring uses the shardings of the current mesh, so a run can continue on another number
 of devices.
+
+Saving (`save`) first checks the free space of the checkpoint directory, where its file system
+reports it, against the state's bytes, and refuses a checkpoint that cannot fit. A background
+write that fails (a full disk, a storage error) is reported by `raise_if_save_failed`, which
+the loop calls after every step, or at the latest by the next `save` or `wait_for_save`, as
+one `CheckpointSaveError` naming the directory and the cause; the run stops (or saves again,
+up to `retries` times in a row) rather than train on without a checkpoint. A failed save is
+never committed and deletes no older checkpoint: the previous one stays restorable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
+import weakref
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -29,20 +41,52 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax.training import orbax_workarounds
+
 CHECKPOINT_DIR = "checkpoints"
 CORRUPTED_DIR = "corrupted_checkpoints"
 
 
-def make_checkpoint_manager(workdir: str | pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
-    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints."""
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be saved (no space for it, a failed write); the run stops."""
+
+
+@dataclasses.dataclass
+class _Saves:
+    """What `save` remembers of a manager: the step being written, the retries left."""
+
+    retries: int
+    retries_left: int
+    pending: int | None = None
+
+
+_SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def make_checkpoint_manager(
+    workdir: str | pathlib.Path, *, keep: int, create: bool = True, retries: int = 0
+) -> ocp.CheckpointManager:
+    """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints.
+
+    `create=False` (sampling, evaluation) leaves a workdir without checkpoints untouched;
+    `retries`: how many failed saves in a row are saved again before the run stops."""
     if keep < 1:
         raise ValueError(f"training.keep_checkpoints={keep} must be >= 1")
+    if retries < 0:
+        raise ValueError(f"training.checkpoint_retries={retries} must be >= 0")
+    orbax_workarounds.install()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=True, create=True
+        max_to_keep=keep, enable_async_checkpointing=True, create=create
     )
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    _SAVES[manager] = _Saves(retries=retries, retries_left=retries)
+    return manager
+
+
+def _saves(manager: ocp.CheckpointManager) -> _Saves:
+    return _SAVES.setdefault(manager, _Saves(retries=0, retries_left=0))
 
 
 def _leaf_name(path) -> str:
@@ -82,18 +126,153 @@ def _check_floats_finite(tree) -> None:
         )
 
 
+def describe_error(error: BaseException, *, limit: int = 500) -> str:
+    """The type and first line of an error's innermost cause (TensorStore's name the file and
+    end with the OS error, kept when a long one is shortened; orbax's wrappers add a page of
+    TensorStore spec)."""
+    while True:
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            break
+        error = cause
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [source locations=")[0] if lines else ""
+    text = text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-2 * limit // 3 :]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# Orbax's metadata per array (_METADATA, _sharding, array_metadatas: about 750 bytes each).
+METADATA_BYTES_PER_ARRAY = 1024
+
+
+def checkpoint_bytes(tree) -> int:
+    """The size of a pytree's checkpoint, uncompressed: its arrays' bytes (arrays or abstract
+    arrays) and orbax's metadata of each (the digits U-Net's state: 2.83 MB + 0.53 MB; its
+    checkpoint once trained a few steps: 3.3 MB)."""
+    leaves = jax.tree.leaves(tree)
+    data = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+    return data + METADATA_BYTES_PER_ARRAY * len(leaves)
+
+
+def _free_bytes(directory: pathlib.Path) -> int | None:
+    """Free bytes of the file system of `directory` (process 0's figure, for all processes);
+    None where the file system does not say (it reports a total size of 0)."""
+    free = -1
+    if jax.process_index() == 0:
+        existing = pathlib.Path(directory)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        usage = shutil.disk_usage(existing)
+        free = usage.free if usage.total > 0 else -1
+    if jax.process_count() > 1:
+        free = int(multihost_utils.broadcast_one_to_all(np.int64(free)))
+    return None if free < 0 else free
+
+
+def _last_good(manager: ocp.CheckpointManager) -> str:
+    steps = checkpoint_steps(manager.directory.parent)  # committed ones, as a restart sees them
+    if not steps:
+        return "there is no checkpoint to resume from yet"
+    return f"the last good checkpoint, step {steps[-1]}, is intact: the run resumes from it"
+
+
+def check_free_space(manager: ocp.CheckpointManager, needed: int, *, step: int | None = None):
+    """CheckpointSaveError, naming the directory and both figures, if fewer than `needed` bytes
+    are free where the checkpoints go (old checkpoints are deleted only after a new one is
+    written, so a new one needs its full size)."""
+    free = _free_bytes(manager.directory)
+    if free is None or free >= needed:
+        return
+    what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    raise CheckpointSaveError(
+        f"Not enough free space for {what} in {manager.directory}: {free:,} bytes free, about "
+        f"{needed:,} needed (the train state uncompressed). Free some space or use a --workdir "
+        f"on a larger disk; {_last_good(manager)}."
+    )
+
+
+def _save_error(manager: ocp.CheckpointManager, step: int, error: BaseException):
+    saves = _saves(manager)
+    return CheckpointSaveError(
+        f"Saving the checkpoint of step {step} to {manager.directory} failed: "
+        f"{describe_error(error)}. The run stops rather than train on without a checkpoint "
+        f"(training.checkpoint_retries={saves.retries}); {_last_good(manager)}."
+    )
+
+
+def _take_failure(manager: ocp.CheckpointManager, *, block: bool):
+    """(step, error) of the save in flight once it has failed; None while it is being
+    written (with `block`, it waits for it) or if it succeeded."""
+    saves = _saves(manager)
+    if saves.pending is None or (not block and manager.is_saving_in_progress()):
+        return None
+    step, saves.pending = saves.pending, None
+    try:
+        manager.wait_until_finished()  # a failed save raises here (orbax drops its step)
+    except Exception as error:  # noqa: BLE001  (any failure of the write: reported below)
+        return step, error
+    saves.retries_left = saves.retries
+    return None
+
+
+def _retry_or_raise(manager: ocp.CheckpointManager, failure, retry: Callable | None, *args):
+    step, error = failure
+    saves = _saves(manager)
+    if saves.retries_left == 0 or retry is None:
+        raise _save_error(manager, step, error) from None  # the cause is in the message
+    saves.retries_left -= 1
+    logging.warning(
+        "Saving the checkpoint of step %d to %s failed (%s); saving again (retry %d of "
+        "training.checkpoint_retries=%d).",
+        step,
+        manager.directory,
+        describe_error(error),
+        saves.retries - saves.retries_left,
+        saves.retries,
+    )
+    retry(*args)
+
+
+def raise_if_save_failed(manager: ocp.CheckpointManager, retry: Callable | None = None, *args):
+    """After each step: CheckpointSaveError if the background save has failed (with retries
+    left, a warning and `retry(*args)`, which saves the current state). Waits for nothing."""
+    failure = _take_failure(manager, block=False)
+    if failure is not None:
+        _retry_or_raise(manager, failure, retry, *args)
+
+
+def wait_for_save(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight; CheckpointSaveError if it failed (the run is ending)."""
+    failure = _take_failure(manager, block=True)
+    if failure is not None:
+        _retry_or_raise(manager, failure, None)
+
+
 def save(
     manager: ocp.CheckpointManager, state, data_state: dict, *, step: int, force: bool = False
 ) -> bool:
-    """Start an asynchronous save of (state, data iterator state); never a non-finite state."""
+    """Start an asynchronous save of (state, data iterator state); never a non-finite state.
+
+    CheckpointSaveError if the previous save failed (this save is its retry, where retries
+    are left), or if the free space is short of the state's bytes."""
     _check_floats_finite({"params": state.params, "ema_params": state.ema_params})
-    return manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-        ),
-        force=force,
-    )
+    failure = _take_failure(manager, block=True)  # orbax's save would wait for it too
+    if failure is not None:
+        _retry_or_raise(manager, failure, lambda: None)  # the retry: this save
+    check_free_space(manager, checkpoint_bytes(state), step=step)
+    try:
+        started = manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            ),
+            force=force,
+        )
+    except (OSError, ValueError) as error:  # the blocking part of the write
+        raise _save_error(manager, step, error) from None
+    if started:
+        _saves(manager).pending = step
+    return started
 
 
 def describe_mismatch(saved: dict, expected: dict) -> str:
@@ -165,18 +344,19 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict
         except Exception as error:  # noqa: BLE001  (judged below, against the older ones)
             if isinstance(error, ValueError) and "belongs to a different model" in str(error):
                 raise
-            logging.warning(
-                "Checkpoint %d in %s cannot be read: %r", step, manager.directory, error
+            logging.info(
+                "Checkpoint %d in %s cannot be read: %s",
+                step,
+                manager.directory,
+                describe_error(error),
             )
             failures[step] = error
             continue
         for unreadable, error in failures.items():
-            _set_aside_unreadable(manager, unreadable, error)
+            _set_aside_unreadable(manager, unreadable, error, restored=step)
         return restored
     if failures:
-        listed = "; ".join(
-            f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures.items()
-        )
+        listed = "; ".join(f"step {s}: {describe_error(e)}" for s, e in failures.items())
         raise RuntimeError(
             f"No checkpoint in {manager.directory} could be restored ({listed}). Nothing was "
             f"moved: if they are damaged, move them away to start afresh."
@@ -184,13 +364,16 @@ def restore_latest(manager: ocp.CheckpointManager, target) -> tuple[object, dict
     return None
 
 
-def _set_aside_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+def _set_aside_unreadable(
+    manager: ocp.CheckpointManager, step: int, error: Exception, *, restored: int
+) -> None:
     logging.warning(
-        "Checkpoint %d in %s could not be read (%s: %s) but an older one could; moving it to %s.",
+        "Checkpoint %d in %s could not be read (%s); restored step %d instead, moved %d to %s.",
         step,
         manager.directory,
-        type(error).__name__,
-        str(error)[:300],
+        describe_error(error),
+        restored,
+        step,
         manager.directory.parent / CORRUPTED_DIR,
     )
     _set_aside(manager, step)

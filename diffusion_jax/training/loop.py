@@ -113,7 +113,7 @@ class Trainer:
         return int(self.strategy.checkpointable(self.state).step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        checkpointing.wait_for_save(self.manager)  # CheckpointSaveError if it failed
         self.manager.close()
         self.writer.close()
         self.stop_flag.close()
@@ -265,6 +265,7 @@ def train_loop(trainer: Trainer) -> bool:
                 pending = []
                 check_divergence(trainer)
             after_step(trainer, step, metrics)
+            checkpointing.raise_if_save_failed(trainer.manager, save_checkpoint, trainer, step)
             if preemption.preemption_requested(trainer.manager, trainer.stop_flag, step):
                 save_checkpoint(trainer, step)
                 record.stopped_by = trainer.stop_flag.signal_name

@@ -454,6 +454,25 @@ def test_folder_skips_hidden_files_and_macos_metadata(tmp_path):
     np.testing.assert_array_equal(batch["x"][1], _model_range(grey + 50))
 
 
+def test_folder_names_the_files_it_ignores_in_one_warning(tmp_path, caplog):
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    _write_image(tmp_path / "a.png", grey)
+    _write_image(tmp_path / "sub" / "b.jpg", grey)
+    Image.fromarray(grey).save(tmp_path / "c.webp")  # an image, but not one we read
+    for name in ("notes.md", "labels.csv", "sub/readme.txt", "sub/x.json", "y.npy", "z.bin"):
+        (tmp_path / name).write_text("not an image")
+    (tmp_path / ".DS_Store").write_text("hidden: skipped without a word")
+    config = _config(name="folder", folder_path=str(tmp_path), use_labels=False, image_size=8)
+    with caplog.at_level("WARNING"):
+        assert len(data.build_source(config, split="train")) == 2
+        data.build_source(config, split="train")  # built again: not reported again
+    lines = [record.getMessage() for record in caplog.records if "Ignored" in record.getMessage()]
+    assert lines == [
+        f"Ignored 7 files that are not images (.png/.jpg/.jpeg) in {tmp_path}: c.webp, "
+        "labels.csv, notes.md, sub/readme.txt, sub/x.json, ... (2 more)"
+    ]
+
+
 # ---------------------------------------------------------------- TFDS
 
 

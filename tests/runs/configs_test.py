@@ -134,6 +134,7 @@ def test_sampling_labels_of_every_class_and_no_guidance_are_accepted():
         ("optim", "grad_clip_norm", -1.0, r"optim.grad_clip_norm=-1.0; allowed: > 0, or 0"),
         ("optim", "weight_decay", 0.1, r"optim.weight_decay=0.1 with optim.optimizer='adam'"),
         ("training", "seed", -1, r"training.seed=-1 must be >= 0"),
+        ("training", "checkpoint_retries", -1, r"training.checkpoint_retries=-1 must be >= 0"),
     ],
 )
 def test_bad_optimizer_and_seed_values_are_named(section, key, value, message):

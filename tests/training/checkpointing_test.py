@@ -3,6 +3,7 @@ corrupted latest checkpoint, a checkpoint of another model, another number of de
 non-finite states and SIGTERM."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -147,3 +148,86 @@ def test_leaf_shapes_names_paths():
     shapes = checkpointing.leaf_shapes(_state())
     assert shapes["params.dense.kernel"] == (8, 16)
     assert shapes["ema_params.1.dense.bias"] == (16,)
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_naming_the_path_and_both_sizes(
+    tmp_path, monkeypatch
+):
+    manager = checkpointing.make_checkpoint_manager(tmp_path, keep=2)
+    state = _state()  # 6 arrays of 8x16 + 16 floats (params, 2 EMAs, Adam's mu and nu)
+    needed = checkpointing.checkpoint_bytes(state)
+    arrays = jax.tree.leaves(state)
+    assert needed == sum(x.nbytes for x in arrays) + 1024 * len(arrays)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
+    expected = (
+        rf"Not enough free space for the checkpoint of step 3 in {tmp_path}/checkpoints: "
+        rf"{needed - 1:,} bytes free, about {needed:,} needed .* no checkpoint to resume"
+    )
+    with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
+        _save(manager, state, 3)
+    assert checkpointing.checkpoint_steps(tmp_path) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(total=0, free=0))
+    _save(manager, state, 3)  # a file system that does not say: not checked
+    assert checkpointing.checkpoint_steps(tmp_path) == [3]
+
+
+class _FailingSaves:
+    """The few manager methods the save bookkeeping uses; its saves fail `failures` times."""
+
+    def __init__(self, directory, failures: int):
+        self.directory, self.failures, self.saved = directory / "checkpoints", failures, []
+
+    def is_saving_in_progress(self) -> bool:
+        return False
+
+    def wait_until_finished(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ValueError("OUT_OF_RANGE: Failed to write 1514936 bytes: File too large")
+
+    def save(self, step, **kwargs) -> bool:
+        self.saved.append(step)
+        return True
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_failed_background_save_is_saved_again_up_to_retries_then_stops(
+    tmp_path, caplog, retries
+):
+    manager = _FailingSaves(tmp_path, failures=3)  # more failures than retries
+    checkpointing._SAVES[manager] = checkpointing._Saves(retries=retries, retries_left=retries)
+    state = _state()
+
+    def save_again(step):
+        checkpointing.save(manager, state, {}, step=step)
+
+    checkpointing.save(manager, state, {}, step=10)
+    message = (
+        rf"Saving the checkpoint of step {10 + retries} to {tmp_path}/checkpoints failed: "
+        r"ValueError: OUT_OF_RANGE: .*File too large\. The run stops rather than train on "
+        rf"without a checkpoint \(training.checkpoint_retries={retries}\)"
+    )
+    with (
+        caplog.at_level("WARNING"),
+        pytest.raises(checkpointing.CheckpointSaveError, match=message),
+    ):
+        for step in range(11, 20):  # after each step, as the loop checks
+            checkpointing.raise_if_save_failed(manager, save_again, step)
+    assert manager.saved == list(range(10, 11 + retries))  # each retry saved the next step
+    warnings = [r.getMessage() for r in caplog.records if "saving again" in r.getMessage()]
+    assert len(warnings) == retries and all("File too large" in w for w in warnings)
+    checkpointing.wait_for_save(manager)  # reported once: nothing left to raise
+
+
+def test_a_save_that_succeeds_resets_the_retries(tmp_path):
+    manager = _FailingSaves(tmp_path, failures=1)
+    checkpointing._SAVES[manager] = checkpointing._Saves(retries=1, retries_left=1)
+    for step in (1, 2, 3):
+        checkpointing.save(manager, _state(), {}, step=step)  # 1 fails, 2 retries it and succeeds
+    manager.failures = 1
+    checkpointing.save(manager, _state(), {}, step=4)  # 3 succeeded: a retry is left again
+    assert manager.saved == [1, 2, 3, 4]
+    manager.failures = 1
+    with pytest.raises(checkpointing.CheckpointSaveError, match="step 4"):
+        checkpointing.wait_for_save(manager)  # at the end of a run: no retry
