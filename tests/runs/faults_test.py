@@ -56,8 +56,12 @@ def _environment(*, shared_cache: bool = True) -> dict:
 
 
 def _run(command: list[str], *, shared_cache: bool = True) -> subprocess.CompletedProcess:
-    """The run's exit code and its output (stdout and stderr together, in order)."""
-    return subprocess.run(
+    """The run's exit code, its console output (stdout and stderr together, in order) and,
+    as `.log`, what it added to WORKDIR/logs/train.log (where INFO lines and tracebacks go)."""
+    workdir = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--workdir="))
+    log_file = pathlib.Path(workdir) / "logs" / "train.log"
+    before = log_file.stat().st_size if log_file.exists() else 0
+    completed = subprocess.run(
         command,
         cwd=REPO_ROOT,
         env=_environment(shared_cache=shared_cache),
@@ -66,6 +70,8 @@ def _run(command: list[str], *, shared_cache: bool = True) -> subprocess.Complet
         text=True,
         timeout=600,
     )
+    completed.log = log_file.read_text()[before:] if log_file.exists() else ""
+    return completed
 
 
 def _tracebacks(output: str) -> int:
@@ -103,14 +109,14 @@ def test_a_checkpoint_write_that_fails_stops_the_run_with_one_message_and_it_res
     messages = _lines_with(output, "Saving the checkpoint of step 8 to", "failed")
     assert len(messages) == 1, output[-5000:]
     assert str(tmp_path / "checkpoints") in messages[0] and "File too large" in messages[0]
-    assert _tracebacks(output) <= 1, output[-5000:]
-    assert "Event loop is closed" not in output
+    assert _tracebacks(output) == 0 and _tracebacks(failed.log) <= 1, failed.log[-5000:]
+    assert "Event loop is closed" not in output + failed.log
     assert checkpointing.checkpoint_steps(tmp_path) == [4]  # the failed one never committed
     assert max(_logged_steps(tmp_path)) <= 12  # stopped by the next save at the latest
 
     resumed = _run(_command(tmp_path, training__checkpoint_every=4, training__num_steps=12))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "Restored the checkpoint of step 4" in resumed.stdout
+    assert "Restored the checkpoint of step 4" in resumed.log
     assert checkpointing.checkpoint_steps(tmp_path) == [4, 8, 12]
     assert _logged_steps(tmp_path) == list(range(1, 13))
 
@@ -162,7 +168,7 @@ def test_a_disk_too_small_for_a_checkpoint_is_refused_before_writing_it(small_di
     resize("64m")
     resumed = _run(_command(workdir, training__num_steps=6))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "Restored the checkpoint of step 2" in resumed.stdout
+    assert "Restored the checkpoint of step 2" in resumed.log
     assert checkpointing.checkpoint_steps(workdir) == [2, 4, 6]
     assert _logged_steps(workdir) == list(range(1, 7))
 
@@ -230,7 +236,7 @@ def test_a_stale_lock_is_taken_over_and_force_takes_over_a_live_one(tmp_path):
     assert forced.returncode == 0, forced.stdout[-3000:]
     (warning,) = _lines_with(forced.stdout, "Taking over the lock of", f"pid {os.getpid()}")
     assert "--force" in warning
-    assert "Restored the checkpoint of step 2" in forced.stdout and not lock.exists()
+    assert "Restored the checkpoint of step 2" in forced.log and not lock.exists()
 
 
 # ---------------------------------------------------------------- an unreadable checkpoint
@@ -262,11 +268,13 @@ def test_an_unreadable_checkpoint_is_passed_over_with_one_warning_and_no_traceba
     resumed = _run(_command(tmp_path, training__num_steps=6))
     output = resumed.stdout
     assert resumed.returncode == 0, output[-3000:]
-    assert _tracebacks(output) == 0 and "Event loop is closed" not in output, output[-5000:]
+    everything = output + resumed.log  # neither the console nor the log file has them
+    assert _tracebacks(everything) == 0 and "Event loop is closed" not in everything
+    assert _tracebacks(everything) == 0, everything[-5000:]
     for step in (4, 6):
         (warning,) = _lines_with(output, f"Checkpoint {step} in", "could not be read")
         assert "is not valid for value of size 100" in warning and "restored step 2" in warning
-    assert "Restored the checkpoint of step 2" in output
+    assert "Restored the checkpoint of step 2" in resumed.log
     assert sorted(os.listdir(tmp_path / "corrupted_checkpoints")) == ["4", "6"]
     assert _logged_steps(tmp_path) == list(range(1, 7))
 
