@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jax
 import numpy as np
+
+from diffusion_jax.runtime import tree_shapes
 
 
 def _converters(state_dict: Mapping[str, np.ndarray]):
@@ -92,25 +93,11 @@ def unet_params_from_diffusers(
     return params
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
-
-
 def check_same_tree(params, expected, *, source: str = "the converted weights") -> None:
     """Raise a ValueError naming the parameters missing, unexpected or of another shape in
     `params` against `expected` (our model's tree, arrays or `jax.ShapeDtypeStruct`s)."""
-    ours, theirs = _shapes(expected), _shapes(params)
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    reshaped = [
-        f"{k}: {theirs[k]} vs {ours[k]}"
-        for k in sorted(set(ours) & set(theirs))
-        if ours[k] != theirs[k]
-    ]
-    if missing or unexpected or reshaped:
-        raise ValueError(
-            f"{source} do not fit the model: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)}), shapes {reshaped[:5]} "
-            f"({len(reshaped)})"
-        )
+    mismatch = tree_shapes.describe_mismatch(
+        tree_shapes.leaf_shapes(params), tree_shapes.leaf_shapes(expected), found="converted"
+    )
+    if mismatch:
+        raise ValueError(f"{source} do not fit the model ({mismatch})")

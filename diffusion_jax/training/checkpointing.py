@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffusion_jax.runtime import tree_shapes
 from diffusion_jax.training import orbax_workarounds
 
 CHECKPOINT_DIR = "checkpoints"
@@ -89,20 +90,6 @@ def _saves(manager: ocp.CheckpointManager) -> _Saves:
     return _SAVES.setdefault(manager, _Saves(retries=0, retries_left=0))
 
 
-def _leaf_name(path) -> str:
-    return ".".join(
-        str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path
-    )
-
-
-def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-    """{"params.conv_in.kernel": shape, ...} for every array leaf of a pytree."""
-    return {
-        _leaf_name(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
 @jax.jit
 def _finite_flags(leaves: list) -> jax.Array:
     """One bool per array: all its values finite (one compiled program per state layout)."""
@@ -111,7 +98,7 @@ def _finite_flags(leaves: list) -> jax.Array:
 
 def _check_floats_finite(tree) -> None:
     named = [
-        (_leaf_name(path), leaf)
+        (tree_shapes.leaf_name(path), leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
         if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
     ]
@@ -275,31 +262,10 @@ def save(
     return started
 
 
-def describe_mismatch(saved: dict, expected: dict) -> str:
-    """The arrays missing, unexpected or of another shape (at most 5 of each, parameters
-    first)."""
-
-    def params_first(names):
-        return sorted(names, key=lambda name: (not name.startswith("params."), name))
-
-    missing = params_first(set(expected) - set(saved))
-    unexpected = params_first(set(saved) - set(expected))
-    reshaped = [
-        f"{name}: saved {saved[name]}, model {expected[name]}"
-        for name in params_first(set(saved) & set(expected))
-        if saved[name] != expected[name]
-    ]
-    parts = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
-        if names:
-            parts.append(f"{label}: " + "; ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
-    return " | ".join(parts)
-
-
 def _check_same_model(manager: ocp.CheckpointManager, step: int, target) -> None:
     metadata = manager.item_metadata(step)["state"]
-    saved = leaf_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
-    mismatch = describe_mismatch(saved, leaf_shapes(target))
+    saved = tree_shapes.leaf_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+    mismatch = tree_shapes.describe_mismatch(saved, tree_shapes.leaf_shapes(target))
     if mismatch:
         raise ValueError(
             f"the checkpoint at step {step} in {manager.directory} belongs to a different model "

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import parallel, tree_shapes
 from diffusion_jax.training import checkpointing, preemption, train_state
 
 
@@ -145,7 +145,7 @@ def test_sigterm_sets_the_flag_instead_of_killing():
 
 
 def test_leaf_shapes_names_paths():
-    shapes = checkpointing.leaf_shapes(_state())
+    shapes = tree_shapes.leaf_shapes(_state())
     assert shapes["params.dense.kernel"] == (8, 16)
     assert shapes["ema_params.1.dense.bias"] == (16,)
 
