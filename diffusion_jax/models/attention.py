@@ -1,8 +1,9 @@
 """Attention: scaled dot-product attention, and a multi-head attention layer over a sequence
 that attends to itself (self-attention) or to a context such as text states (cross-attention).
 
-Parameter names follow diffusers' `Attention` (`to_q`, `to_k`, `to_v` without bias,
-`to_out_0` with bias), so that its weights map onto ours one to one.
+Parameter names follow diffusers' `Attention` (`to_q`, `to_k`, `to_v`, without bias unless
+`qkv_bias` as in its autoencoders, and `to_out_0` with bias), so that its weights map onto
+ours one to one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MultiHeadAttention(nn.Module):
 
     num_heads: int
     head_dim: int
+    qkv_bias: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -41,9 +43,7 @@ class MultiHeadAttention(nn.Module):
     ) -> jax.Array:
         context = x if context is None else context
         inner = self.num_heads * self.head_dim
-        project = lambda name, use_bias=False: nn.Dense(
-            inner, use_bias=use_bias, dtype=self.dtype, name=name
-        )
+        project = lambda name: nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)
 
         def heads(y: jax.Array) -> jax.Array:  # [B, L, inner] -> [B, L, heads, head_dim]
             return y.reshape(*y.shape[:2], self.num_heads, self.head_dim)

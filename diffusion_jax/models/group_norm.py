@@ -53,14 +53,23 @@ def _group_sums(channel_values: jax.Array, groups: int) -> jax.Array:
     return channel_values.reshape(batch, groups, channels // groups).sum(axis=-1)
 
 
-def _statistics(x: jax.Array, groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+def _statistics(
+    x: jax.Array, groups: int, eps: float, centered: bool
+) -> tuple[jax.Array, jax.Array]:
     """Per-(example, group) mean and 1 / sqrt(var + eps) of ``x [B, P, C]``, float32 [B, G].
 
-    The variance is E[x^2] - E[x]^2, as flax.linen.GroupNorm's default."""
+    The variance is E[x^2] - E[x]^2 (one pass, flax.linen.GroupNorm's default), or with
+    ``centered`` E[(x - E[x])^2] (two passes, as PyTorch's): the second keeps its precision
+    when a group's mean is large against its spread (few positions, e.g. a 1 x 1 tile)."""
     count = x.shape[1] * (x.shape[2] // groups)
+    x = x.astype(jnp.float32)
     mean = _group_sums(sum_over_positions(x), groups) / count
-    mean_square = _group_sums(sum_over_positions(jnp.square(x.astype(jnp.float32))), groups)
-    var = jnp.maximum(mean_square / count - jnp.square(mean), 0.0)
+    if centered:
+        deviation = x - _per_channel(mean, x.shape[2])
+        var = _group_sums(sum_over_positions(jnp.square(deviation)), groups) / count
+    else:
+        mean_square = _group_sums(sum_over_positions(jnp.square(x)), groups)
+        var = jnp.maximum(mean_square / count - jnp.square(mean), 0.0)
     return mean, jax.lax.rsqrt(var + eps)
 
 
@@ -75,22 +84,22 @@ def _per_channel_mean(channel_sums: jax.Array, groups: int, count: int) -> jax.A
     return _per_channel(_group_sums(channel_sums, groups) / count, channel_sums.shape[1])[:, 0]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _group_norm(x, scale, bias, groups: int, eps: float, out_dtype):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm(x, scale, bias, groups: int, eps: float, out_dtype, centered: bool):
     """``x [B, P, C]`` normalised per (example, group), then ``scale * x_hat + bias``."""
-    mean, rstd = _statistics(x, groups, eps)
+    mean, rstd = _statistics(x, groups, eps, centered)
     return (_normalized(x, mean, rstd) * scale + bias).astype(out_dtype)
 
 
 @_group_norm.defjvp
-def _group_norm_jvp(groups, eps, out_dtype, primals, tangents):
+def _group_norm_jvp(groups, eps, out_dtype, centered, primals, tangents):
     """The tangent of the module docstring; every tangent that is constant over positions is
     spread by `broadcast_over_positions`, so that the transpose sums with GEMVs."""
     x, scale, bias = primals
     x_dot, scale_dot, bias_dot = tangents
     positions, channels = x.shape[1], x.shape[2]
     count = positions * (channels // groups)
-    mean, rstd = _statistics(x, groups, eps)
+    mean, rstd = _statistics(x, groups, eps, centered)
     x_hat = _normalized(x, mean, rstd)
     y = (x_hat * scale + bias).astype(out_dtype)
     a = _per_channel(rstd, channels)[:, 0] * scale  # [B, C]
@@ -115,6 +124,7 @@ def group_norm(
     groups: int,
     eps: float = 1e-6,
     dtype: Dtype | None = None,
+    centered: bool = False,
 ) -> jax.Array:
     """Group normalisation of ``x [B, ..., C]`` over all positions and the C/G channels of
     each group (module docstring), output in ``dtype`` (default: ``x.dtype`` promoted with
@@ -125,18 +135,20 @@ def group_norm(
     flat = x.reshape(x.shape[0], -1, channels)  # [B, P, C]
     out_dtype = jnp.result_type(x.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     y = _group_norm(
-        flat, scale.astype(jnp.float32), bias.astype(jnp.float32), groups, eps, out_dtype
+        flat, scale.astype(jnp.float32), bias.astype(jnp.float32), groups, eps, out_dtype, centered
     )
     return y.reshape(x.shape)
 
 
 class GroupNorm(nn.Module):
     """``flax.linen.GroupNorm(num_groups)``'s parameters and outputs (statistics in float32,
-    output in ``dtype``), with the backward pass of the module docstring."""
+    output in ``dtype``), with the backward pass of the module docstring; ``centered``
+    computes the variance in two passes (`_statistics`)."""
 
     num_groups: int = 32
     epsilon: float = 1e-6
     dtype: Dtype | None = None
+    centered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,5 +156,11 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones_init(), (channels,))
         bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
         return group_norm(
-            x, scale, bias, groups=self.num_groups, eps=self.epsilon, dtype=self.dtype
+            x,
+            scale,
+            bias,
+            groups=self.num_groups,
+            eps=self.epsilon,
+            dtype=self.dtype,
+            centered=self.centered,
         )
