@@ -170,6 +170,7 @@ def parallel_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     """The DDPM CIFAR-10 setting (Ho et al. 2020), the base every other config edits."""
     config = ml_collections.ConfigDict()
+    config.task = "diffusion"  # "diffusion" | "autoencoder" (configs/autoencoder_digits.py)
     config.data = data_config()
     config.model = models.ddpm_cifar10()
     config.diffusion = diffusion_config()
@@ -193,6 +194,11 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         config.model.attn_resolutions = (config.data.image_size // 2,)
         config.model.num_classes = num_classes
         config.model.learn_sigma = learn_sigma
+    if "autoencoder" in config:  # 14K parameters, the GAN from step 20
+        config.autoencoder.block_out_channels = (8, 16, 16)
+        config.autoencoder.norm_num_groups = 4
+        config.autoencoder_loss.disc_channels = 8
+        config.autoencoder_loss.disc_start = 20
     config.training.batch_size = 8
     config.training.num_steps = 40
     config.training.log_every = 10

@@ -20,13 +20,21 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax.runs import evaluate, sample, train
+from diffusion_jax.runs import autoencoder, autoencoder_eval, evaluate, sample, train
 from diffusion_jax.runtime import compilation, console, host_memory, parallel, workdir
 
-RUNS = {
-    "train": train.train_and_evaluate,
-    "eval": evaluate.evaluate,
-    "sample": sample.sample,
+MODES = ("train", "eval", "sample")
+RUNS = {  # config.task -> mode -> run
+    "diffusion": {
+        "train": train.train_and_evaluate,
+        "eval": evaluate.evaluate,
+        "sample": sample.sample,
+    },
+    "autoencoder": {
+        "train": autoencoder.train,
+        "eval": autoencoder_eval.evaluate,
+        "sample": autoencoder_eval.reconstruct,
+    },
 }
 
 INTERRUPTED = (
@@ -42,7 +50,7 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", list(RUNS), "What to do.")
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.DEFINE_bool("force", False, "Take over the workdir lock of another training run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -69,6 +77,13 @@ def log_file(workdir: str, mode: str, process_index: int) -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / f"diffusion_jax_{name}.log"
 
 
+def run_of(config, mode: str):
+    """The function that runs `mode` for the config's task."""
+    if config.task not in RUNS:
+        raise ValueError(f"task={config.task!r}; allowed: {list(RUNS)}")
+    return RUNS[config.task][mode]
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -83,7 +98,7 @@ def main(argv) -> None:
         compilation.use_persistent_cache(config.parallel.compilation_cache_dir, FLAGS.workdir)
         logging.info("Config:\n%s", config)
         with workdir.lock(FLAGS.workdir, force=FLAGS.force, exclusive=FLAGS.mode == "train"):
-            RUNS[FLAGS.mode](config, FLAGS.workdir)
+            run_of(config, FLAGS.mode)(config, FLAGS.workdir)
     except KeyboardInterrupt as interrupt:  # a second Ctrl-C: stop at once, no traceback
         console.report_error(interrupt, logs.path, message=INTERRUPTED)
         sys.exit(130)

@@ -56,16 +56,13 @@ def inference_params(state: TrainState, config: ml_collections.ConfigDict, strat
     return params if strategy is None else strategy.params_for_inference(params)
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
-    """(model, state, step) of the latest checkpoint in `workdir`, for sampling or evaluation.
+def restore_latest_state(config: ml_collections.ConfigDict, workdir: str, create_fn: Callable):
+    """(state, step) of the latest checkpoint in `workdir` of the state `create_fn` makes.
 
     A workdir without checkpoints is left as it was (nothing is created in it)."""
-    validate.validate(config)
     if not checkpointing.checkpoint_steps(workdir):
         raise _no_checkpoint(workdir)
     strategy = parallel.make_strategy(config.parallel)
-    model, tx, _ = build_model_and_optimizer(config)
-    create_fn = build.make_create_fn(config, model, tx)
     manager = checkpoint_manager(config, workdir, create=False)
     rng = jax.random.key(config.training.seed)
     try:
@@ -76,7 +73,15 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
     if restored is None:
         raise _no_checkpoint(workdir)
     state = restored[0]
-    return model, state, int(state.step)
+    return state, int(state.step)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
+    """(model, state, step) of the latest checkpoint in `workdir`, for sampling or evaluation."""
+    validate.validate(config)
+    model, tx, _ = build_model_and_optimizer(config)
+    state, step = restore_latest_state(config, workdir, build.make_create_fn(config, model, tx))
+    return model, state, step
 
 
 def _no_checkpoint(workdir: str) -> FileNotFoundError:

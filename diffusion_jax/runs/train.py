@@ -158,7 +158,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     )
 
 
-def training_summary(trainer: loop.Trainer, samples) -> dict:
+def training_summary(trainer: loop.Trainer, samples, *, eval_name: str = "bits/dim") -> dict:
     """What the run did: steps, losses, skipped updates, time, and where its outputs are."""
     record, options = trainer.record, trainer.options
     end = trainer.host_step
@@ -179,9 +179,9 @@ def training_summary(trainer: loop.Trainer, samples) -> dict:
         "img_per_s": None if steady is None else steady * options.batch_size,
         "checkpoint": None if latest is None else str(trainer.manager.directory / str(latest)),
         "samples": None if samples is None else str(samples),
-        "eval_bits_per_dim": None
+        "eval": None
         if record.last_eval is None
-        else {"step": record.last_eval[0], "value": record.last_eval[1]},
+        else {"name": eval_name, "step": record.last_eval[0], "value": record.last_eval[1]},
     }
 
 
@@ -190,7 +190,7 @@ def show_summary(summary: dict, path: pathlib.Path) -> None:
     losses = None
     if loss["final"] is not None:
         losses = f"final {loss['final']:.4g}, best {loss['best']:.4g} at step {loss['best_step']}"
-    evaluated = summary["eval_bits_per_dim"]
+    evaluated = summary["eval"]
     console.print_summary(
         f"training {summary['status']}: steps {steps['start']} -> {steps['end']} of "
         f"{steps['num_steps']} in {progress.format_duration(summary['wall_time_s'])}"
@@ -200,15 +200,20 @@ def show_summary(summary: dict, path: pathlib.Path) -> None:
             ("skipped", f"{summary['skipped_updates']} updates (non-finite loss or gradient)"),
             ("checkpoint", summary["checkpoint"]),
             ("samples", summary["samples"]),
-            ("bits/dim", evaluated and f"{evaluated['value']:.4f} at step {evaluated['step']}"),
+            (
+                evaluated["name"] if evaluated else "eval",
+                evaluated and f"{evaluated['value']:.4f} at step {evaluated['step']}",
+            ),
             ("summary", path),
         ],
     )
 
 
-def write_summary(trainer: loop.Trainer, workdir: pathlib.Path, samples) -> dict:
+def write_summary(
+    trainer: loop.Trainer, workdir: pathlib.Path, samples, *, eval_name: str = "bits/dim"
+) -> dict:
     """The closing summary on the console and as WORKDIR/summary.json (process 0)."""
-    summary = training_summary(trainer, samples)
+    summary = training_summary(trainer, samples, eval_name=eval_name)
     path = workdir / SUMMARY_FILE
     if jax.process_index() == 0:
         path.write_text(metrics_writer.dumps(summary, indent=2) + "\n")

@@ -161,11 +161,16 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise a ValueError naming the first inconsistent option of a run config."""
+def check_loop(config: ml_collections.ConfigDict) -> None:
+    """The options every training run reads: parallelism, optimizer, training loop."""
     _check_choice(config.parallel.strategy, parallel.STRATEGIES, "parallel.strategy")
     check_optim(config)
     check_training(config)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise a ValueError naming the first inconsistent option of a run config."""
+    check_loop(config)
     check_diffusion(config)
     check_model_matches_data(config)
     check_sampling(config)

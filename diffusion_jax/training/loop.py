@@ -142,6 +142,9 @@ class Throughput:
         return steps_per_s * batch_size, steps_per_s
 
 
+_STEP_METRICS = {"loss", "grad_norm", "learning_rate", "finite"}
+
+
 def log_metrics(trainer: Trainer, step: int, pending: list[dict], throughput: Throughput) -> dict:
     """Average the metrics of the last steps and write them; returns what it wrote."""
     host = jax.device_get(pending)
@@ -157,6 +160,9 @@ def log_metrics(trainer: Trainer, step: int, pending: list[dict], throughput: Th
         "img_per_s": img_per_s,
         "steps_per_s": steps_per_s,
     }
+    for name in sorted(set(host[-1]) - _STEP_METRICS):  # the loss's own terms (aux["metrics"])
+        values = np.array([m[name] for m in host], np.float64)
+        scalars[name] = float(np.mean(values[finite])) if finite.any() else float("nan")
     trainer.writer.write_scalars(step, scalars)
     return scalars
 

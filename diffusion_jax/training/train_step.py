@@ -30,6 +30,7 @@ def make_train_step(
     ema_warmup: bool = True,
     axis_name: str | None = None,
     skip_with: str = "cond",
+    loss_takes_step: bool = False,
 ) -> Callable:
     """The pure `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -40,7 +41,9 @@ def make_train_step(
     noise; under `jax.jit` on a mesh the batch is one global array and XLA does the rest.
     `skip_with` is how a non-finite update is skipped (`SKIP_FORMS`): "cond" (a branch) or
     "select" (`where(finite, new, old)`); the same results, different programs
-    (`--skip_with` of the benchmark times both).
+    (`--skip_with` of the benchmark times both). With `loss_takes_step` the loss is called
+    with the keyword `step` (the updates taken so far: a loss term may start at a step).
+    Scalars the loss returns in aux["metrics"] join the step's metrics.
     """
     if skip_with not in SKIP_FORMS:
         raise ValueError(f"skip_with={skip_with!r}; allowed: {SKIP_FORMS}")
@@ -50,9 +53,11 @@ def make_train_step(
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = grad_fn(state.params, batch, rng, state.loss_history)
+        step_kwargs = {"step": state.step} if loss_takes_step else {}
+        (loss, aux), grads = grad_fn(state.params, batch, rng, state.loss_history, **step_kwargs)
+        loss_metrics = aux.pop("metrics", {}) if isinstance(aux, dict) else {}
         if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+            loss, grads, loss_metrics = jax.lax.pmean((loss, grads, loss_metrics), axis_name)
             aux = jax.lax.all_gather(aux, axis_name, tiled=True)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -93,6 +98,7 @@ def make_train_step(
             # optax counts applied updates only: a skipped step does not advance the schedule
             "learning_rate": lr_schedule(state.step - state.num_skipped),
             "finite": finite,
+            **loss_metrics,
         }
         return new_state, metrics
 
