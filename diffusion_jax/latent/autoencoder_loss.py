@@ -127,30 +127,33 @@ def make_autoencoder_loss_fn(
 
 
 def _add_adversarial(total, params, x, x_hat, reconstruct, kernel, logvar, loss, disc, step):
-    """total + lambda f g + L_discriminator, and their metrics (module docstring)."""
+    """total + lambda f g + L_discriminator, and their metrics (module docstring). Before
+    `disc_start` (f = 0) a branch skips the discriminator and the adaptive weight."""
     disc_params = params["discriminator"]
     frozen = jax.lax.stop_gradient(disc_params)
-    factor = (step >= loss.disc_start).astype(jnp.float32)
 
     def generator_loss(x_hat):
         return -jnp.mean(disc.apply({"params": frozen}, x_hat))
 
-    def nll_of_kernel(k):
-        return nll_loss(x, reconstruct(k), logvar, loss.reconstruction)
+    def adversarial_terms(_):
+        nll_of_kernel = lambda k: nll_loss(x, reconstruct(k), logvar, loss.reconstruction)
+        nll_grad = jax.grad(nll_of_kernel)(kernel)
+        g_grad = jax.grad(lambda k: generator_loss(reconstruct(k)))(kernel)
+        weight = adaptive_weight(nll_grad, g_grad, loss.disc_weight)
+        g_loss = generator_loss(x_hat)
+        real = disc.apply({"params": disc_params}, jax.lax.stop_gradient(x))
+        fake = disc.apply({"params": disc_params}, jax.lax.stop_gradient(x_hat))
+        d_loss = hinge_discriminator_loss(real, fake)
+        terms = {"g_loss": g_loss, "d_loss": d_loss, "d_weight": weight,
+                 "logits_real": jnp.mean(real), "logits_fake": jnp.mean(fake)}  # fmt: skip
+        return weight * g_loss + d_loss, terms
 
-    nll_grad = jax.grad(nll_of_kernel)(kernel)
-    g_grad = jax.grad(lambda k: generator_loss(reconstruct(k)))(kernel)
-    weight = adaptive_weight(nll_grad, g_grad, loss.disc_weight)
-    g_loss = generator_loss(x_hat)
-    real = disc.apply({"params": disc_params}, jax.lax.stop_gradient(x))
-    fake = disc.apply({"params": disc_params}, jax.lax.stop_gradient(x_hat))
-    d_loss = factor * hinge_discriminator_loss(real, fake)
-    metrics = {
-        "g_loss": g_loss,
-        "d_loss": d_loss,
-        "d_weight": weight,
-        "disc_factor": factor,
-        "logits_real": jnp.mean(real),
-        "logits_fake": jnp.mean(fake),
-    }
-    return total + weight * factor * g_loss + d_loss, metrics
+    def without_terms(_):
+        zero = jnp.zeros((), jnp.float32)
+        names = ("g_loss", "d_loss", "d_weight", "logits_real", "logits_fake")
+        return zero, dict.fromkeys(names, zero)
+
+    started = step >= loss.disc_start
+    extra, metrics = jax.lax.cond(started, adversarial_terms, without_terms, None)
+    metrics["disc_factor"] = started.astype(jnp.float32)
+    return total + extra, metrics
