@@ -150,6 +150,18 @@ def eval_config() -> ml_collections.ConfigDict:
     return eval_
 
 
+def latent_config() -> ml_collections.ConfigDict:
+    """Latent diffusion (configs/ldm_digits.py): the model diffuses the latents of this
+    autoencoder, and samples are decoded to images."""
+    latent = ml_collections.ConfigDict()
+    # "" (pixel space) | an autoencoder run's WORKDIR/autoencoder | a converted folder
+    # (python -m diffusion_jax.convert.diffusers_vae) | a diffusers AutoencoderKL folder
+    latent.autoencoder = ""
+    latent.scale_by_std = True  # 1 / std of the first batch's latents; else its scaling_factor
+    latent.sample_posterior = True  # train on z ~ q(z | x) (LDM), else on its mean
+    return latent
+
+
 def parallel_config() -> ml_collections.ConfigDict:
     parallel = ml_collections.ConfigDict()
     parallel.strategy = "data"  # "data" | "fsdp" | "pmap"
@@ -178,6 +190,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training = training_config()
     config.sampling = sampling_config()
     config.eval = eval_config()
+    config.latent = latent_config()
     config.parallel = parallel_config()
     return config
 
@@ -187,11 +200,12 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         config.model.hidden_size = 64
         config.model.num_layers = 2
     else:
-        num_classes, learn_sigma = config.model.num_classes, config.model.learn_sigma
+        kept = config.model  # its input: the data's images, or a latent run's latents
+        num_classes, learn_sigma = kept.num_classes, kept.learn_sigma
         config.model = models.tiny()
-        config.model.image_size = config.data.image_size
-        config.model.in_channels = config.model.out_channels = config.data.num_channels
-        config.model.attn_resolutions = (config.data.image_size // 2,)
+        config.model.image_size = kept.image_size
+        config.model.in_channels, config.model.out_channels = kept.in_channels, kept.out_channels
+        config.model.attn_resolutions = (kept.image_size // 2,)
         config.model.num_classes = num_classes
         config.model.learn_sigma = learn_sigma
     if "autoencoder" in config:  # 14K parameters, the GAN from step 20

@@ -2,12 +2,14 @@
 diffusion trained through the same loop, checkpoints and logs as a diffusion model.
 
     state = train(config, workdir)          # --mode=train
-    path = reconstruct(config, workdir)     # --mode=sample: inputs above reconstructions
 
-The train state's parameters are {"autoencoder", "logvar"[, "discriminator"]}, one
+The train state's parameters are {"autoencoder", "logvar"[, "discriminator"]}, with one
 optimizer (`optim`) over all of them; `latent.autoencoder_loss` is the loss. Reconstruction
-grids of `sampling.num_images` test images are written every `training.sample_every` steps
-and at the end (WORKDIR/samples.png); `training.eval_every` logs the test split's PSNR.
+grids of `sampling.num_images` test images (inputs above reconstructions) are written every
+`training.sample_every` steps and at the end (WORKDIR/samples.png); `training.eval_every`
+logs the test split's PSNR. At the end the autoencoder is exported to WORKDIR/autoencoder,
+for `latent.autoencoder` of a latent diffusion run (configs/ldm_digits.py). --mode=eval and
+--mode=sample are `runs.autoencoder_eval`'s.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import data
+from diffusion_jax.convert import diffusers_vae
 from diffusion_jax.evaluation import reconstruction
 from diffusion_jax.latent import autoencoder_loss
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL
@@ -34,6 +37,8 @@ from diffusion_jax.runtime import compilation, images, metrics_writer, parallel
 from diffusion_jax.training import loop, optimizer, preemption, train_step
 from diffusion_jax.training import train_state as train_state_lib
 from diffusion_jax.training.train_state import TrainState
+
+EXPORT_DIR = "autoencoder"
 
 
 def autoencoder_config(config: ml_collections.ConfigDict) -> AutoencoderConfig:
@@ -250,6 +255,14 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     )
 
 
+def export_autoencoder(config, trainer: loop.Trainer, out: pathlib.Path) -> None:
+    """The trained autoencoder (parameters of `sampling.ema_index`) as a converted folder,
+    the form `latent.autoencoder` and `convert.diffusers_vae.load_autoencoder` read."""
+    params = restore.inference_params(trainer.state, config, trainer.strategy)["autoencoder"]
+    diffusers_vae.save_converted(out, autoencoder_config(config), jax.device_get(params))
+    logging.info("Exported the autoencoder of step %d to %s", trainer.host_step, out)
+
+
 def describe_loss(loss: autoencoder_loss.AutoencoderLoss) -> str:
     terms = [f"{loss.reconstruction} reconstruction", f"{loss.kl_weight:g} x KL"]
     if loss.adversarial:
@@ -267,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     try:
         if loop.train_loop(trainer):
             grid = trainer.on_sample(trainer.state, trainer.host_step, final=True)
+            export_autoencoder(config, trainer, pathlib.Path(workdir) / EXPORT_DIR)
     finally:
         trainer.close()
     train_run.write_summary(trainer, pathlib.Path(workdir), grid, eval_name="PSNR (dB)")

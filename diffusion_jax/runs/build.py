@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import models
@@ -85,8 +86,14 @@ def make_create_fn(config: ml_collections.ConfigDict, model, tx) -> Callable:
             history = timestep_sampling.init_loss_history(
                 diffusion.num_timesteps, history_length=diffusion.loss_history_length
             )
+        # a latent run's scale, set once when it starts (`runs.latent`)
+        scale = jnp.ones((), jnp.float32) if config.latent.autoencoder else None
         return train_state_lib.create_train_state(
-            params, tx, num_ema=len(config.training.ema_decays), loss_history=history
+            params,
+            tx,
+            num_ema=len(config.training.ema_decays),
+            loss_history=history,
+            latent_scale=scale,
         )
 
     return create

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_jax import data, samplers
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import sample_quality
-from diffusion_jax.runs import generate, restore
+from diffusion_jax.runs import generate, latent, restore
 from diffusion_jax.runs import likelihood as likelihood_eval
 from diffusion_jax.runtime import compilation, console, parallel, progress
 
@@ -121,22 +121,25 @@ def place_params(params, mesh, strategy: str):
     )
 
 
-def make_sharded_generate(config, model, mesh, setting: dict):
+def make_sharded_generate(config, model, mesh, setting: dict, decode=None):
     """jit of `generate(params, rng, offset) -> [eval.batch_size, ...]` (samples offset, ...,
-    offset + eval.batch_size - 1), its rows split over the mesh."""
+    offset + eval.batch_size - 1, decoded by `decode` in a latent run), its rows split over
+    the mesh."""
     variant = with_sampler(config, setting)
-    generate_fn = generate.make_generate_fn(variant, model, count=config.eval.batch_size)
+    generate_fn = generate.make_generate_fn(
+        variant, model, count=config.eval.batch_size, decode=decode
+    )
     sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
     return compilation.CompiledTogether(
         jax.jit(generate_fn, out_shardings=sharding), "eval_generate"
     )
 
 
-def generate_local_samples(config, model, params, mesh, setting: dict) -> LocalImages:
+def generate_local_samples(config, model, params, mesh, setting: dict, decode=None) -> LocalImages:
     """This process's rows of eval.num_samples samples, in whole batches of eval.batch_size,
     with their positions in the sequence of all samples (a class-conditional model's sample
     n has label n % K, or `sampling.label`: classes balanced across batches)."""
-    generate = make_sharded_generate(config, model, mesh, setting)
+    generate = make_sharded_generate(config, model, mesh, setting, decode)
     rng = jax.random.fold_in(jax.random.key(config.eval.seed), setting["num_steps"])
     num_batches = -(-config.eval.num_samples // config.eval.batch_size)
     eta = "" if setting["eta"] is None else f", eta {setting['eta']:g}"
@@ -215,7 +218,7 @@ def reference_features(config, extractor) -> tuple[np.ndarray, np.ndarray]:
     return features[: iterator.num_examples], logits[: iterator.num_examples]
 
 
-def evaluate_samples(config, workdir, model, params, mesh) -> dict:
+def evaluate_samples(config, workdir, model, params, mesh, decode=None) -> dict:
     """{"extractor", "reference", "samples": [metrics of each sampler setting]}."""
     extractor = make_extractor(config, workdir)
     wanted, dim = config.eval.metrics, extractor.feature_dim
@@ -230,7 +233,7 @@ def evaluate_samples(config, workdir, model, params, mesh) -> dict:
     }
     count = config.eval.num_samples
     for setting in sampler_settings(config):
-        local = generate_local_samples(config, model, params, mesh, setting)
+        local = generate_local_samples(config, model, params, mesh, setting, decode)
         features, logits = extract_gathered(extractor, local)
         result = sample_quality.sample_metrics(
             extractor,
@@ -266,8 +269,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "checkpoint": str(pathlib.Path(workdir).absolute() / "checkpoints" / str(step)),
         "likelihood": {},
     }
+    decode = latent.decoder_for(config, state, mesh)
     if config.eval.metrics:
-        report.update(evaluate_samples(config, workdir, model, params, mesh))
+        report.update(evaluate_samples(config, workdir, model, params, mesh, decode))
     for name in config.eval.likelihoods:
         report["likelihood"][name] = likelihood_eval.evaluate_likelihood(
             name, config, model, params, mesh

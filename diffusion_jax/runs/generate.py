@@ -92,10 +92,13 @@ def sample_labels(config: ml_collections.ConfigDict, count: int, offset=0) -> jn
     return (offset + jnp.arange(count, dtype=jnp.int32)) % num_classes
 
 
-def make_generate_fn(config: ml_collections.ConfigDict, model, *, count: int) -> Callable:
+def make_generate_fn(
+    config: ml_collections.ConfigDict, model, *, count: int, decode: Callable | None = None
+) -> Callable:
     """`generate(params, rng, offset=0) -> x [count, ...]` with the configured sampler (jit
     it): images offset, ..., offset + count - 1 of a run. Pass `offset` as an array, so that
-    one compiled program serves every batch."""
+    one compiled program serves every batch. A latent run's samples are decoded by `decode`
+    (`runs.latent`)."""
     schedule, prediction = sampling_schedule(config.diffusion)
     sample = make_sampler(config, schedule, prediction)
     shape = (count, *models.sample_shape(config.model))
@@ -105,7 +108,7 @@ def make_generate_fn(config: ml_collections.ConfigDict, model, *, count: int) ->
         noise = jax.random.normal(noise_rng, shape, jnp.float32)
         labels = sample_labels(config, count, offset)
         x0, _ = sample(model_fn_of(config, model, params, schedule), noise, sample_rng, labels)
-        return x0
+        return x0 if decode is None else decode(x0)
 
     return generate
 

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax.runs import generate, restore
-from diffusion_jax.runtime import compilation, console, images, progress
+from diffusion_jax.runs import generate, latent, restore
+from diffusion_jax.runtime import compilation, console, images, parallel, progress
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
@@ -23,8 +23,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     start = time.monotonic()
     model, state, step = restore.restore_for_inference(config, workdir)
     params = restore.inference_params(state, config)
+    decode = latent.decoder_for(config, state, parallel.make_mesh())
     generate_fn = compilation.CompiledTogether(
-        jax.jit(generate.make_generate_fn(config, model, count=config.sampling.batch_size)),
+        jax.jit(
+            generate.make_generate_fn(
+                config, model, count=config.sampling.batch_size, decode=decode
+            )
+        ),
         "generate",
     )
     samples, labels = generate.draw_samples(config, generate_fn, params)

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import data
-from diffusion_jax.runs import build, generate, restore, validate
+from diffusion_jax.runs import build, generate, latent, restore, validate
 from diffusion_jax.runtime import compilation, console, images, metrics_writer, parallel, progress
 from diffusion_jax.training import loop, preemption, train_step
 from diffusion_jax.training.train_state import TrainState
@@ -55,13 +55,13 @@ def check_evaluation_data(config: ml_collections.ConfigDict, num_devices: int) -
         )
 
 
-def make_sample_grid_hook(config, model, strategy, writer, workdir: pathlib.Path, rng):
+def make_sample_grid_hook(config, model, strategy, writer, workdir: pathlib.Path, rng, decode=None):
     """`hook(state, step, final=False) -> path`: samples of the EMA parameters with the
-    configured sampler, as workdir/samples/step_<step>.png (and TensorBoard; at the end
-    workdir/samples.png, the path returned)."""
+    configured sampler (decoded by `decode` in a latent run), as workdir/samples/
+    step_<step>.png (and TensorBoard; at the end workdir/samples.png, the path returned)."""
     count = config.sampling.num_images
     generate_fn = compilation.CompiledTogether(
-        jax.jit(generate.make_generate_fn(config, model, count=count)), "generate"
+        jax.jit(generate.make_generate_fn(config, model, count=count, decode=decode)), "generate"
     )
 
     def write_sample_grid(state: TrainState, step: int, *, final: bool = False):
@@ -110,6 +110,21 @@ def make_bits_per_dim_hook(config, model, strategy, writer, rng):
     return evaluate_bits_per_dim
 
 
+def setup_latents(config, strategy, state, step_fn, fresh: bool, rng):
+    """A latent run's (state with its latent scale, step on encoded batches, decode)."""
+    ae_config, ae_params = latent.load_autoencoder(config)
+    ae_params = latent.replicated(ae_params, strategy.mesh)
+    if fresh:
+        scale = latent.initial_scale(
+            config, ae_config, ae_params, jax.random.fold_in(rng, latent.SCALE_STREAM)
+        )
+        placed = jax.device_put(np.float32(scale), state.latent_scale.sharding)
+        state = state.replace(latent_scale=placed)
+    space = latent.latent_space_of(config, ae_config, ae_params, state)
+    logging.info("Diffusing the latents of %s, scale %.6g", config.latent.autoencoder, space.scale)
+    return state, latent.encoding_train_step(step_fn, space, rng), space.decode
+
+
 def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Trainer:
     """Mesh, model, optimizer, data, checkpoint manager, the restored or fresh state, hooks."""
     workdir = pathlib.Path(workdir)
@@ -129,6 +144,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         process_count=jax.process_count(),
     )
     manager = restore.checkpoint_manager(config, workdir)
+    fresh = manager.latest_step() is None
     state = restore.restore_or_init(strategy, manager, create_fn, init_rng, iterator)
     step_fn = train_step.make_train_step(
         build.make_loss_fn(config, model),
@@ -138,6 +154,9 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         ema_warmup=config.training.ema_warmup,
         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None,
     )
+    decode = None
+    if latent.uses_latents(config):
+        state, step_fn, decode = setup_latents(config, strategy, state, step_fn, fresh, train_rng)
     writer = metrics_writer.MetricsWriter(
         workdir,
         enabled=jax.process_index() == 0,
@@ -153,7 +172,9 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         writer=writer,
         stop_flag=preemption.StopFlag(),
         rng=train_rng,
-        on_sample=make_sample_grid_hook(config, model, strategy, writer, workdir, sample_rng),
+        on_sample=make_sample_grid_hook(
+            config, model, strategy, writer, workdir, sample_rng, decode
+        ),
         on_eval=make_bits_per_dim_hook(config, model, strategy, writer, sample_rng),
     )
 

@@ -121,10 +121,13 @@ def check_model_matches_data(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"data.name='toy2d' has 2-D points; model.name={model.name!r}, allowed: 'mlp'"
             )
+    elif config.latent.autoencoder:
+        pass  # the model's input is the latent of the images (`runs.latent.check_model_fits`)
     elif (model.image_size, model.in_channels) != (data.image_size, data.num_channels):
         raise ValueError(
             f"model.image_size={model.image_size}, model.in_channels={model.in_channels} "
             f"must equal data.image_size={data.image_size}, data.num_channels={data.num_channels}"
+            " (or set latent.autoencoder for a latent diffusion model)"
         )
     expected_classes = data.num_classes if data.use_labels else 0
     if model.num_classes != expected_classes:

@@ -26,6 +26,9 @@ class TrainState:
     opt_state: optax.OptState
     loss_history: timestep_sampling.LossHistory | None
     num_skipped: jnp.ndarray  # int32 scalar: updates skipped for a non-finite loss or gradient
+    # float32 scalar of a latent diffusion run: latent = (z - shift) * latent_scale, z the
+    # autoencoder's latent (Rombach et al. 2022, Sec. 4.3.2: scale-by-std); None in pixels
+    latent_scale: jnp.ndarray | None = None
 
 
 def create_train_state(
@@ -34,6 +37,7 @@ def create_train_state(
     *,
     num_ema: int,
     loss_history: timestep_sampling.LossHistory | None = None,
+    latent_scale: jnp.ndarray | None = None,
 ) -> TrainState:
     """Step 0: every EMA starts at the initial parameters."""
     return TrainState(
@@ -43,6 +47,7 @@ def create_train_state(
         opt_state=tx.init(params),
         loss_history=loss_history,
         num_skipped=jnp.zeros((), jnp.int32),
+        latent_scale=latent_scale,
     )
 
 
