@@ -41,7 +41,19 @@ from diffusion_jax.diffusion.noise_schedule import (
     as_noise_schedule,
     continuous_schedule,
 )
-from diffusion_jax.samplers import ancestral, common, dpm_solver, edm, flow, ode, sde
+from diffusion_jax.samplers import (
+    ancestral,
+    common,
+    dpm2,
+    dpm_solver,
+    edm,
+    euler_ancestral,
+    flow,
+    lms,
+    ode,
+    sde,
+    sigma_grid,
+)
 from diffusion_jax.samplers.ancestral import make_ddim_inversion
 from diffusion_jax.samplers.common import ModelFn, SampleFn
 from diffusion_jax.samplers.guidance import classifier_free_guidance
@@ -60,9 +72,15 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     "ode": ode.make_ode_sampler,
     "flow_euler": functools.partial(flow.make_flow_sampler, heun=False),
     "flow_heun": functools.partial(flow.make_flow_sampler, heun=True),
+    "euler": functools.partial(edm.make_edm_sampler, heun=False, sigmas="schedule"),
+    "heun": functools.partial(edm.make_edm_sampler, heun=True, sigmas="schedule"),
+    "euler_ancestral": euler_ancestral.make_euler_ancestral_sampler,
+    "lms": lms.make_lms_sampler,
+    "dpm2": functools.partial(dpm2.make_dpm2_sampler, ancestral=False),
+    "dpm2_ancestral": functools.partial(dpm2.make_dpm2_sampler, ancestral=True),
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
-_FIXED = {"algorithm", "heun"}
+_FIXED = {"algorithm", "heun", "ancestral"}
 
 
 def get_sampler(name: str) -> Callable[..., SampleFn]:
@@ -130,4 +148,5 @@ __all__ = [
     "make_ddim_inversion",
     "make_sampler",
     "sampler_options",
+    "sigma_grid",
 ]
