@@ -46,6 +46,7 @@ from diffusion_jax.samplers import (
     common,
     dpm2,
     dpm_solver,
+    dpm_solver_sde,
     edm,
     euler_ancestral,
     flow,
@@ -78,9 +79,13 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     "lms": lms.make_lms_sampler,
     "dpm2": functools.partial(dpm2.make_dpm2_sampler, ancestral=False),
     "dpm2_ancestral": functools.partial(dpm2.make_dpm2_sampler, ancestral=True),
+    "dpm_solver++_sde": functools.partial(
+        dpm_solver_sde.make_dpm_solver_multistep, stochastic=True
+    ),
+    "dpm_solver++_2s_sde": dpm_solver_sde.make_dpm_solver_singlestep_sde,
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
-_FIXED = {"algorithm", "heun", "ancestral"}
+_FIXED = {"algorithm", "heun", "ancestral", "stochastic"}
 
 
 def get_sampler(name: str) -> Callable[..., SampleFn]:

@@ -138,6 +138,10 @@ def _discrete_grid(process, num_steps, *, sigmas, spacing, steps_offset, rho, fi
         timesteps = sigma_to_timestep(levels, log_train_sigmas)
         if sigmas == "karras" and round_karras:
             timesteps = timesteps.round()
+        if convention == "multistep":
+            # diffusers' multistep schedulers store int64 timesteps: the network sees the
+            # truncated timestep, while the solver uses the level itself.
+            timesteps = np.trunc(timesteps)
     last = {"zero": 0.0, "sigma_min": train_sigmas[0], "last": levels[-1]}[final_sigma]
     levels = np.concatenate([levels, [last]]).astype(np.float32)
     model_timesteps = np.asarray(process.model_timesteps, np.float64)

@@ -174,3 +174,38 @@ def test_ancestral_samplers_match_diffusers_with_the_same_noise(
     with replaced_randn(module_name, our_noises(draws, noise.shape)):
         reference = diffusers_loop(scheduler(class_name, **config), start, num_steps)
     assert_parity(x, reference, tolerance_of(name, ours_options))
+
+
+def vp_start(noise, num_steps, options, convention="multistep"):
+    grid_options = {k: v for k, v in options.items() if k in ("sigmas", "spacing", "steps_offset")}
+    grid = samplers.sigma_grid.make_sigma_grid(
+        PROCESS, num_steps, convention=convention, round_karras=True, **grid_options
+    )
+    return np.asarray(grid.alpha_sigma(grid.sigmas[0])[1], np.float64) * np.asarray(noise)
+
+
+DPM_CASES = [
+    ("dpm_solver++", {"order": 2}, {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+    ("dpm_solver++", {"order": 3, "second_difference": "reference"},
+     {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+    ("dpm_solver++_sde", {"order": 2}, {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}),
+    ("dpm_solver++_sde", {"order": 3, "second_difference": "reference"},
+     {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("ours_options, config", SIGMA_OPTIONS)
+@pytest.mark.parametrize("name, method_options, method_config", DPM_CASES)
+def test_dpm_solver_multistep_matches_diffusers(
+    x64, name, method_options, method_config, ours_options, config
+):
+    noise, num_steps = x64, 12
+    options = {"sigmas": "schedule", **method_options, **ours_options}
+    x = ours(name, num_steps, noise, **options)
+    noises = our_noises(num_steps, noise.shape)
+    sched = scheduler("DPMSolverMultistepScheduler", **method_config, **config)
+    step_kwargs = (
+        (lambda i: {"variance_noise": torch.from_numpy(noises[i])}) if "sde" in name else None
+    )
+    reference = diffusers_loop(sched, vp_start(noise, num_steps, options), num_steps, step_kwargs)
+    assert_parity(x, reference)
