@@ -54,6 +54,7 @@ from diffusion_jax.samplers import (
     ode,
     sde,
     sigma_grid,
+    unipc,
 )
 from diffusion_jax.samplers.ancestral import make_ddim_inversion
 from diffusion_jax.samplers.common import ModelFn, SampleFn
@@ -83,6 +84,7 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
         dpm_solver_sde.make_dpm_solver_multistep, stochastic=True
     ),
     "dpm_solver++_2s_sde": dpm_solver_sde.make_dpm_solver_singlestep_sde,
+    "unipc": unipc.make_unipc_sampler,
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
 _FIXED = {"algorithm", "heun", "ancestral", "stochastic"}
