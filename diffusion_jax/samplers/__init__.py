@@ -44,6 +44,7 @@ from diffusion_jax.diffusion.noise_schedule import (
 from diffusion_jax.samplers import (
     ancestral,
     common,
+    deis,
     dpm2,
     dpm_solver,
     dpm_solver_sde,
@@ -85,6 +86,7 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     ),
     "dpm_solver++_2s_sde": dpm_solver_sde.make_dpm_solver_singlestep_sde,
     "unipc": unipc.make_unipc_sampler,
+    "deis": deis.make_deis_sampler,
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
 _FIXED = {"algorithm", "heun", "ancestral", "stochastic"}
