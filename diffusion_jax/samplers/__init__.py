@@ -53,6 +53,7 @@ from diffusion_jax.samplers import (
     flow,
     lms,
     ode,
+    pndm,
     sde,
     sigma_grid,
     unipc,
@@ -87,6 +88,7 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     "dpm_solver++_2s_sde": dpm_solver_sde.make_dpm_solver_singlestep_sde,
     "unipc": unipc.make_unipc_sampler,
     "deis": deis.make_deis_sampler,
+    "pndm": pndm.make_pndm_sampler,
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
 _FIXED = {"algorithm", "heun", "ancestral", "stochastic"}

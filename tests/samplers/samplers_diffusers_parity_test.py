@@ -274,3 +274,54 @@ def test_deis_matches_diffusers(x64, method_options, method_config, ours_options
     start = vp_start(noise, num_steps, options)
     reference = diffusers_loop(sched, start, num_steps, float64_sigmas=True)
     assert_parity(x, reference)
+
+
+def alpha_bar_start(noise, first_timestep):
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(PROCESS.betas, np.float64))
+    return np.sqrt(np.float32(1.0 - alphas_cumprod[first_timestep])) * np.asarray(noise)
+
+
+@pytest.mark.parametrize(
+    "num_steps, options, config",
+    [
+        (20, {"skip_prk_steps": True, "spacing": "leading", "steps_offset": 1},
+         {"skip_prk_steps": True, "timestep_spacing": "leading", "steps_offset": 1}),
+        (20, {}, {}),
+        (15, {"spacing": "linspace"}, {"timestep_spacing": "linspace"}),
+        (15, {"skip_prk_steps": True, "spacing": "trailing", "set_alpha_to_one": True},
+         {"skip_prk_steps": True, "timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    ],
+)  # fmt: skip
+def test_pndm_matches_diffusers(x64, num_steps, options, config):
+    noise = x64
+    x = ours("pndm", num_steps, noise, **options)
+    sched = scheduler("PNDMScheduler", **config)
+    sched.set_timesteps(num_steps)
+    start = alpha_bar_start(noise, int(sched.timesteps[0]))
+    assert_parity(x, diffusers_loop(sched, start, num_steps))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_matches_diffusers(x64, eta):
+    noise, num_steps = x64, 20
+    x = ours("ddim", num_steps, noise, eta=eta, spacing="leading")
+    sched = scheduler(
+        "DDIMScheduler", timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True
+    )
+    noises = our_noises(num_steps, noise.shape)
+    start = alpha_bar_start(noise, 19 * (1000 // num_steps))
+    reference = diffusers_loop(
+        sched, start, num_steps,
+        lambda i: {"eta": eta, "variance_noise": torch.from_numpy(noises[i])},
+    )  # fmt: skip
+    assert_parity(x, reference)
+
+
+def test_ddpm_matches_diffusers(x64):
+    noise, num_steps = x64, 25
+    x = ours("ddpm", num_steps, noise, spacing="leading")
+    sched = scheduler("DDPMScheduler", timestep_spacing="leading", clip_sample=False)
+    start = alpha_bar_start(noise, (num_steps - 1) * (1000 // num_steps))
+    with replaced_randn("scheduling_ddpm", our_noises(num_steps - 1, noise.shape)):
+        reference = diffusers_loop(sched, start, num_steps)
+    assert_parity(x, reference)
