@@ -325,3 +325,58 @@ def test_ddpm_matches_diffusers(x64):
     with replaced_randn("scheduling_ddpm", our_noises(num_steps - 1, noise.shape)):
         reference = diffusers_loop(sched, start, num_steps)
     assert_parity(x, reference)
+
+
+CONFIG_CASES = [
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {}),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {}),
+    ("HeunDiscreteScheduler", {}, {}),
+    ("LMSDiscreteScheduler", {"use_exponential_sigmas": True}, {}),
+    ("KDPM2DiscreteScheduler", {}, {}),
+    ("KDPM2AncestralDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}, {}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}, {}),
+    ("DEISMultistepScheduler", {"solver_order": 3}, {}),
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}, {}),
+    ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.0}),
+    ("DDPMScheduler", {"clip_sample": False}, {}),
+]
+NOISE_MODULES = {
+    "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
+    "KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete",
+    "DDPMScheduler": "scheduling_ddpm",
+}
+
+
+@pytest.mark.parametrize("class_name, config, step_options", CONFIG_CASES)
+def test_a_scheduler_config_chooses_our_sampler_with_the_same_output(
+    x64, class_name, config, step_options
+):
+    """The whole config (diffusers fills in its defaults) through `from_diffusers_config`."""
+    noise, num_steps = x64, 10
+    sched = scheduler(class_name, **config)
+    full_config = {**dict(sched.config), "_class_name": class_name}
+    name, options, process = samplers.diffusers_config.from_diffusers_config(full_config)
+    sample = samplers.make_sampler(name, schedule=process, num_steps=num_steps, **options)
+    x = np.asarray(jax.jit(sample, static_argnums=0)(model_fn, noise, RNG)[0])
+    sched.set_timesteps(num_steps)
+    first_sigma = float(sched.sigmas[0]) if hasattr(sched, "sigmas") else None
+    if class_name in ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler"):
+        start = alpha_bar_start(noise, int(sched.timesteps[0]))
+    elif float(sched.init_noise_sigma) == 1.0:  # VP-space multistep schedulers
+        start = first_sigma / np.sqrt(first_sigma**2 + 1.0) * np.asarray(noise)
+    else:
+        start = first_sigma * np.asarray(noise)
+    noises = our_noises(num_steps, noise.shape)
+    step_kwargs = None
+    if class_name == "DDIMScheduler" or "sde" in config.get("algorithm_type", ""):
+        step_kwargs = lambda i: {"variance_noise": torch.from_numpy(noises[i]), **step_options}  # noqa: E731
+    context = (
+        replaced_randn(NOISE_MODULES[class_name], noises)
+        if class_name in NOISE_MODULES
+        else contextlib.nullcontext()
+    )
+    with context:
+        reference = diffusers_loop(sched, start, num_steps, step_kwargs)
+    assert_parity(x, reference)
