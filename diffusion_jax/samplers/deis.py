@@ -4,9 +4,8 @@ In rho = sigma_t / alpha_t (EDM's sigma) the probability-flow ODE of x / alpha i
 d(x / alpha) = eps(rho) d rho (Zhang & Chen, Eq. 10 with the data scaled out), so a step is
 x_t / alpha_t = x_s / alpha_s + integral_{rho_s}^{rho_t} eps(rho) d rho. DEIS's multistep
 "logrho" variant (tAB-DEIS, Eq. 15) replaces eps by the Lagrange polynomial in u = log rho
-through the last `order` outputs, whose basis integrates in closed form:
-integral e^u (u - log c) / (log b - log c) du = e^u (u - 1 - log c) / (log b - log c), and the
-quadratic basis likewise. Order 1 is DDIM. Lower orders during warm-up and, with fewer than 15
+through the last `order` outputs, whose basis integrates in closed form (`_basis_integral`).
+Order 1 is DDIM. Lower orders during warm-up and, with fewer than 15
 steps and `lower_order_final`, at the end (diffusers' DEISMultistepScheduler).
 """
 
@@ -21,41 +20,41 @@ from diffusion_jax.samplers.dpm_solver_sde import diffusers_multistep_orders
 ORDERS = (1, 2, 3)
 
 
-def _linear_basis_integral(rho, node, other):
-    """Antiderivative in rho of the linear Lagrange basis in log rho (1 at node, 0 at other)."""
-    log_rho, log_node, log_other = jnp.log(rho), jnp.log(node), jnp.log(other)
-    return rho * (log_rho - 1.0 - log_other) / (log_node - log_other)
-
-
-def _quadratic_basis_integral(rho, node, other_1, other_2):
-    """Antiderivative of (u - log o1)(u - log o2) / ((log n - log o1)(log n - log o2)) e^u du."""
-    u, l1, l2, ln = jnp.log(rho), jnp.log(other_1), jnp.log(other_2), jnp.log(node)
-    antiderivative = rho * ((u - 1.0) ** 2 + 1.0 - (l1 + l2) * (u - 1.0) + l1 * l2)
-    return antiderivative / ((ln - l1) * (ln - l2))
+def _basis_integral(rho_s, rho_t, node, others):
+    """integral_{rho_s}^{rho_t} l(log rho) d rho of the Lagrange basis l in u = log rho that is
+    1 at log(node) and 0 at log(others) (one or two of them). With rho = e^u the antiderivative
+    is rho G(u), G(u) = u - 1 - l_1 (linear) or (u - 1)^2 + 1 - (l_1 + l_2)(u - 1) + l_1 l_2
+    (quadratic), over prod(log node - l_k); the difference is taken as
+    (rho_t - rho_s) G(u_s) + rho_t (G(u_t) - G(u_s)), u_t - u_s = log1p(rho_t / rho_s - 1),
+    which does not cancel when the step is short."""
+    u_s = jnp.log(rho_s)
+    du = jnp.log1p((rho_t - rho_s) / rho_s)
+    logs = [jnp.log(o) for o in others]
+    if len(others) == 1:
+        g_s, dg = u_s - 1.0 - logs[0], du
+    else:
+        total, product = logs[0] + logs[1], logs[0] * logs[1]
+        g_s = (u_s - 1.0) ** 2 + 1.0 - total * (u_s - 1.0) + product
+        dg = du * (2.0 * (u_s - 1.0) + du - total)
+    denominator = 1.0
+    for log_other in logs:
+        denominator = denominator * (jnp.log(node) - log_other)
+    return ((rho_t - rho_s) * g_s + rho_t * dg) / denominator
 
 
 def _deis_update(order, x, outputs, levels, sigma_t):
     """x_t = alpha_t (x / alpha_s + sum_j c_j eps_j), c_j the integrals over [rho_s, rho_t]."""
-    # In x's dtype: the basis integrals cancel (float32 loses 1e-5 at the last small steps).
+    # In x's dtype (float64 under jax_enable_x64); the integrals are written not to cancel.
     levels, sigma_t = [jnp.asarray(v, x.dtype) for v in levels], jnp.asarray(sigma_t, x.dtype)
     alpha_s, _ = sigma_grid.alpha_sigma_of_sigma("vp", levels[0])
     alpha_t, _ = sigma_grid.alpha_sigma_of_sigma("vp", sigma_t)
     rho_s = levels[0]
     if order == 1:
         return alpha_t * (x / alpha_s + (sigma_t - rho_s) * outputs[0])
-    if order == 2:
-        nodes = [(levels[0], levels[1]), (levels[1], levels[0])]
-        integral = _linear_basis_integral
-    else:
-        nodes = [
-            (levels[0], levels[1], levels[2]),
-            (levels[1], levels[2], levels[0]),
-            (levels[2], levels[0], levels[1]),
-        ]
-        integral = _quadratic_basis_integral
     total = x / alpha_s
-    for j, node in enumerate(nodes):
-        total = total + (integral(sigma_t, *node) - integral(rho_s, *node)) * outputs[j]
+    for j in range(order):
+        others = [levels[k] for k in range(order) if k != j]
+        total = total + _basis_integral(rho_s, sigma_t, levels[j], others) * outputs[j]
     return alpha_t * total
 
 

@@ -72,7 +72,8 @@ def make_dpm2_sampler(
                 return x
             return x + s_noise * sigma_up * common.step_noise(rng, i, x)
 
-        x0 = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(nfe)}
 
     ends_at_zero = float(grid.sigmas[-1]) == 0.0

@@ -219,7 +219,8 @@ def make_dpm_solver_singlestep_sde(
             euler = lambda x: x0  # the step to sigma_next = 0: x + (0 - sigma) (x - x0) / sigma
             return jax.lax.cond(sigma_next > 0, two_stages, euler, x)
 
-        x0 = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(nfe)}
 
     return sample

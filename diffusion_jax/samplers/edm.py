@@ -130,7 +130,8 @@ def make_edm_sampler(
 
             return jax.lax.cond(sigma_next > 0, corrected, lambda x_next: x_next, x_next)
 
-        x0 = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(nfe)}
 
     return sample

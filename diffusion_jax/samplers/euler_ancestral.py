@@ -62,7 +62,8 @@ def make_euler_ancestral_sampler(
             x = x + (sigma_down - sigma) * (x - x0) / sigma
             return x + s_noise * sigma_up * common.step_noise(rng, i, x)
 
-        x0 = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(num_steps)}
 
     return sample

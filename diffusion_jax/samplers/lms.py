@@ -80,7 +80,8 @@ def make_lms_sampler(
 
         x = grid.sigmas[0] * noise
         slopes = jnp.zeros((order,) + x.shape, x.dtype)
-        x0, _ = jax.lax.fori_loop(0, num_steps, step, (x, slopes))
+        x, _ = jax.lax.fori_loop(0, num_steps, step, (x, slopes))
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(num_steps)}
 
     return sample

@@ -256,3 +256,9 @@ def checked_grid(
     _, sigma_last = grid.alpha_sigma(grid.sigmas[-2])
     common.check_prediction_at(prediction, float(alpha_first), float(sigma_last), name=name)
     return grid
+
+
+def unscaled(grid: SigmaGrid, x: jnp.ndarray) -> jnp.ndarray:
+    """x_t = alpha_N x at the grid's last level: the samplers that step in EDM's scaled
+    variable return what the others do (x0 itself when the grid ends at sigma = 0)."""
+    return grid.alpha_sigma(grid.sigmas[-1])[0] * x
