@@ -14,6 +14,10 @@ two with fewer than 15 steps, `lower_order_final`).
 
 `second_difference`: "taylor" D2 = 2 (D1_0 - D1_1) / (r0 + r1), the Taylor-consistent one (third
 order, see docs/samplers.md), or "reference" with factor 1, as DPM-Solver's code and diffusers.
+"reference" also reproduces diffusers' 3M SDE, whose D2 coefficient ((1 - e^{-2h} - 2h) /
+(2h)^2 - 0.5, added) is -phi_3 - 1 rather than k-diffusion's -phi_3 (phi_3 = phi_2 / 2h - 1/2,
+phi_2 = 1 - (1 - e^{-2h}) / 2h): an O(h^2) error per step (with the factor 2 as well, the
+samples diverged on the mixture). "taylor" uses -phi_3.
 
 The single-step SDE (k-diffusion's `sample_dpmpp_sde`, diffusers' DPMSolverSDEScheduler) takes an
 ancestral first-order step to the lambda-midpoint, evaluates there and redoes the step with that
@@ -77,9 +81,13 @@ def _update(order, stochastic, factor, x, outputs, levels, sigma_next, noise):
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
     d2 = factor * (d1_0 - d1_1) / (r0 + r1)
     if stochastic:
-        phi_2 = e / (-2.0 * h) + 1.0
-        phi_3 = (e - 2.0 * h) / (2.0 * h) ** 2 - 0.5
-        return x_t + alpha_t * phi_2 * d1 + alpha_t * phi_3 * d2
+        phi_2 = 1.0 - e / (2.0 * h)  # with 2h in place of h (k-diffusion's h_eta, eta = 1)
+        if factor == 1.0:  # diffusers' coefficient of D2, -phi_3 - 1 (see the module doc)
+            return (
+                x_t + alpha_t * phi_2 * d1 + alpha_t * ((e - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
+            )
+        phi_3 = phi_2 / (2.0 * h) - 0.5
+        return x_t + alpha_t * phi_2 * d1 - alpha_t * phi_3 * d2
     phi_2 = (ratio - 1.0) / h + 1.0
     phi_3 = (ratio - 1.0 + h) / h**2 - 0.5
     return x_t + alpha_t * phi_2 * d1 - alpha_t * phi_3 * d2

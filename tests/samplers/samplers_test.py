@@ -79,7 +79,7 @@ DISTRIBUTION_CASES = [
     ("dpm_solver++_sde", PROCESS, "eps", {}, 0.0),
     ("dpm_solver++_sde", PROCESS, "x0", {"order": 3, "sigmas": "exponential"}, 0.0),
     ("dpm_solver++_2s_sde", PROCESS, "eps", {"sigmas": "karras"}, 0.0),
-    ("unipc", PROCESS, "eps", {"sigmas": "beta"}, 0.0),
+    ("unipc", PROCESS, "eps", {"sigmas": "exponential", "variant": "bh1", "order": 3}, 0.0),
     ("deis", VP_CONTINUOUS, "eps", {"order": 3, "final_sigma": "zero"}, 0.0),
     ("pndm", PROCESS, "eps", {"skip_prk_steps": True, "steps_offset": 1}, 0.0),
     ("lms", VP_CONTINUOUS, "v", {"sigmas": "karras"}, 0.0),
