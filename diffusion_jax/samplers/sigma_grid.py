@@ -124,6 +124,12 @@ def _discrete_grid(process, num_steps, *, sigmas, spacing, steps_offset, rho, fi
     # From the betas in float64: 1 - alpha_bar ~ 1e-4 at the first steps, where the float32
     # alpha_bar table would put sigma 1e-4 (relative) off.
     alphas_cumprod = np.cumprod(1.0 - np.asarray(process.betas, np.float64))
+    if not alphas_cumprod[-1] > 0.0:
+        raise ValueError(
+            "This process has zero terminal SNR (alpha_bar = 0 at its last step): its sigma = "
+            "sigma_t / alpha_t is infinite there, so no sigma grid starts from it. Allowed with "
+            "it: ddim, ddpm (with prediction 'v' or 'x0')."
+        )
     train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
     log_train_sigmas = np.log(train_sigmas)
     num_timesteps = train_sigmas.shape[0]

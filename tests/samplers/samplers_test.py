@@ -381,6 +381,8 @@ def test_impossible_combinations_name_what_is_allowed():
     with pytest.raises(ValueError, match="'eps'"):
         samplers.make_sampler("ddim", schedule=zero_snr, num_steps=10, prediction="eps")
     samplers.make_sampler("ddim", schedule=zero_snr, num_steps=10, prediction="v")
+    with pytest.raises(ValueError, match="zero terminal SNR.*ddim"):
+        samplers.make_sampler("unipc", schedule=zero_snr, num_steps=10, prediction="v")
 
 
 def test_discrete_schedule_matches_the_process_at_its_steps():
