@@ -31,6 +31,7 @@ point them at an emulator instead, as the tests do.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import shutil
@@ -39,6 +40,7 @@ import tempfile
 import threading
 
 import fsspec
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -91,6 +93,31 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 def write_text(path: PathLike, text: str) -> None:
     """`write_bytes` of UTF-8 text."""
     write_bytes(path, text.encode())
+
+
+def list_files(root: PathLike) -> list[os.PathLike]:
+    """Every file under `root`, recursively, in no set order: pathlib's `rglob` locally
+    (pathlib paths); remotely one listing of the objects under the prefix (pages of a
+    thousand, not a request per file) as epath paths."""
+    if not is_remote(root):
+        return [path for path in pathlib.Path(root).rglob("*") if path.is_file()]
+    filesystem, inner = _filesystem(root)
+    scheme = os.fspath(root).partition("://")[0]
+    return [as_path(f"{scheme}://{name}") for name in filesystem.find(inner)]
+
+
+def save_npz(path: PathLike, **arrays: np.ndarray) -> None:
+    """`np.savez` of `arrays` to `path` as one whole-file write (`write_bytes`); the name is
+    kept as given (np.savez would add ".npz" to another suffix)."""
+    encoded = io.BytesIO()
+    np.savez(encoded, **arrays)
+    write_bytes(path, encoded.getvalue())
+
+
+def load_npz(path: PathLike) -> np.lib.npyio.NpzFile:
+    """`np.load` of an .npz file, local or remote (read whole), never unpickling."""
+    source = io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else os.fspath(path)
+    return np.load(source, allow_pickle=False)
 
 
 def create_exclusive(path: PathLike, data: bytes) -> bool:
