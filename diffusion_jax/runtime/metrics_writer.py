@@ -103,6 +103,12 @@ class MetricsWriter:
         if self.enabled:
             self._summary.add_image(name, np.asarray(image), step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Start uploading what was written (a remote workdir; the caller does not wait)."""
+        if self.enabled:
+            self._summary.flush()
+            self._mirror.request_sync()
+
     def close(self) -> None:
         if self.enabled:
             self._summary.close()

@@ -47,6 +47,11 @@ from etils import epath
 # How often the background thread uploads the staged files that changed.
 SYNC_INTERVAL_S = 10.0
 
+# gcsfs caches directory listings by default; a run lists what others wrote (TensorStore's
+# arrays, the other hosts' files, a training run seen from sampling), so listings are not
+# cached. fsspec applies this to every gs:// file system made after this module's import.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
 PathLike = str | os.PathLike
 
 
@@ -207,6 +212,7 @@ class MirroredDirectory:
         self._sync_lock = threading.Lock()
         self._failing = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._interval_s = interval_s
         self._thread = threading.Thread(target=self._run, name="storage-mirror", daemon=True)
         self._thread.start()
@@ -227,8 +233,18 @@ class MirroredDirectory:
                     (self.remote / relative).write_bytes(file.read_bytes())
                     self._uploaded[relative] = version
 
+    def request_sync(self) -> None:
+        """Have the background thread upload now rather than at its next interval (returns
+        at once; e.g. after a checkpoint, so that the metrics up to it are uploaded soon)."""
+        if self._thread is not None:
+            self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._sync_logging_failure()
 
     def _sync_logging_failure(self) -> bool:
@@ -256,6 +272,7 @@ class MirroredDirectory:
         if self._thread is None:
             return
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         self._thread = None
         if self._sync_logging_failure():
