@@ -133,3 +133,22 @@ class GcsEmulator:
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200, response.read()
         return f"gs://{name}"
+
+
+def main() -> None:
+    """`python -m tests.gcs_emulator`: an emulator and one bucket until Ctrl-C, with the
+    variables to export printed (for the benchmark's --log_to, docs/benchmarks.md)."""
+    with GcsEmulator() as emulator:
+        bucket = emulator.new_bucket()
+        for name, value in emulator.environment().items():
+            print(f"export {name}={value}")
+        print(f"# bucket: {bucket}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
