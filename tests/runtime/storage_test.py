@@ -1,6 +1,7 @@
 """Tests of runtime/storage.py on a local directory and on the GCS emulator: whole-file
 writes, atomic exclusive creation, the start-up access check, mirrored directories."""
 
+import numpy as np
 import pytest
 
 from diffusion_jax.runtime import storage
@@ -78,3 +79,14 @@ def test_a_mirrored_local_directory_is_the_directory_itself(tmp_path):
     assert not mirror.is_mirrored and mirror.local == tmp_path / "logs" and mirror.local.is_dir()
     mirror.close()
     assert mirror.local.is_dir()
+
+
+def test_npz_files_round_trip_under_any_name_and_are_never_unpickled(directory):
+    path = directory / "weights.converted"  # np.savez(path) would have added ".npz"
+    storage.save_npz(path, mu=np.arange(3.0), name=np.asarray("digits"))
+    with storage.load_npz(path) as archive:
+        np.testing.assert_array_equal(archive["mu"], [0.0, 1.0, 2.0])
+        assert str(archive["name"]) == "digits"
+    storage.save_npz(directory / "objects.npz", payload=np.asarray([{"a": 1}], dtype=object))
+    with storage.load_npz(directory / "objects.npz") as archive, pytest.raises(ValueError):
+        archive["payload"]  # a pickled object array: refused, not loaded
