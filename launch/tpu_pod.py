@@ -5,14 +5,14 @@ Steps, each one `gcloud compute tpus tpu-vm` command: `describe` the TPU (does i
 (`--worker=all`), then `ssh --worker=all` to start `python3 -m diffusion_jax.main` on every
 host at once. On TPU the main entry point calls `jax.distributed.initialize()` without
 arguments (empty `parallel.coordinator_address`): the TPU runtime supplies the coordinator,
-the process count and each host's id. On a multi-host slice the workdir must be a directory
-every host shares, so that all read and write the same checkpoints and TensorBoard events: a
-Cloud Storage bucket mounted with gcsfuse on every worker (e.g. /gcs/bucket/run, mounted by
-`gcloud compute tpus tpu-vm ssh --worker=all --command "gcsfuse ..."` first) or a Filestore
-(NFS) path. The main job refuses gs:// URLs.
+the process count and each host's id. On a multi-host slice the workdir must be one every
+host shares, so that all read and write the same checkpoints and TensorBoard events: a Cloud
+Storage URL (gs://bucket/run, written directly, with the TPU VM's service account as
+application-default credentials), or a directory every worker mounts (a Filestore/NFS path,
+or a bucket mounted with gcsfuse).
 
     python launch/tpu_pod.py --tpu my-tpu --zone us-central2-b --accelerator-type v4-32 \
-        --config configs/cifar10.py --workdir /gcs/bucket/run --create --dry-run \
+        --config configs/cifar10.py --workdir gs://bucket/run --create --dry-run \
         -- --config.training.batch_size=256
 
 `--dry-run` prints each command on its own line (shell-quoted) and runs nothing.
@@ -253,7 +253,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--remote-dir", default="diffusion_jax", help="relative to $HOME")
     parser.add_argument("--config", required=True, help="e.g. configs/cifar10.py")
     parser.add_argument(
-        "--workdir", required=True, help="a directory all hosts share, e.g. /gcs/bucket/run"
+        "--workdir", required=True, help="a workdir all hosts share, e.g. gs://bucket/run"
     )
     parser.add_argument("--mode", choices=entry_point.MODES, default="train")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE on workers")
@@ -264,16 +264,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if "://" in args.workdir:
-        raise SystemExit(
-            f"--workdir={args.workdir}: the main job takes a directory, not a URL; mount the "
-            "bucket with gcsfuse on every worker (e.g. /gcs/BUCKET/run) or use a Filestore path"
+    if "://" not in args.workdir:
+        print(
+            f"note: on a multi-host slice, --workdir {args.workdir!r} must be shared by all "
+            "workers (a Filestore or gcsfuse mount), or each keeps its own checkpoints; "
+            "gs://BUCKET/RUN is shared by all",
+            file=sys.stderr,
         )
-    print(
-        f"note: on a multi-host slice, --workdir {args.workdir!r} must be shared by all workers "
-        "(a gcsfuse mount or Filestore), or each keeps its own checkpoints",
-        file=sys.stderr,
-    )
     commands = plan(args, overrides)
     if args.dry_run:
         print("\n".join(shlex.join(command) for command in commands))

@@ -3,6 +3,8 @@
     python -m diffusion_jax.bench --config configs/cifar10.py --batch_size 16 --dtype float32
     python -m diffusion_jax.bench --config configs/cifar10.py --compare diffusers \
         --out bench.json
+    python -m diffusion_jax.bench --config configs/digits.py --tiny \
+        --log_to=/tmp/bench_local,gs://BUCKET/bench --out gs://BUCKET/bench.json
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from diffusion_jax.bench import op_profile
 from diffusion_jax.bench.options import COMPARE, SAMPLERS, BenchOptions
 from diffusion_jax.bench.run import format_table, run_benchmark
 from diffusion_jax.bench.runners import shrink_to_tiny
-from diffusion_jax.runtime import host_memory
+from diffusion_jax.runtime import host_memory, storage
 from diffusion_jax.training import train_step as train_step_lib
 
 FLAGS = flags.FLAGS
@@ -54,7 +56,13 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("profile_steps", 0, "Profile this many train steps per XLA op (0: none).")
 flags.DEFINE_string("profile_dir", "/tmp/diffusion_jax_profile", "Where the profile trace goes.")
 flags.DEFINE_bool("tiny", False, "Benchmark the tiny U-Net of configs/models.py instead.")
-flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
+flags.DEFINE_list(
+    "log_to",
+    [],
+    "Workdirs (local, gs://BUCKET/DIR) to time the train step against with its scalars logged "
+    "there every step (bench/logging_cost.py).",
+)
+flags.DEFINE_string("out", "bench.json", "Where to write the JSON results (a path or a URL).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -78,6 +86,7 @@ def options_from_flags() -> BenchOptions:
         retain_freed_memory=FLAGS.retain_freed_memory,
         profile_steps=FLAGS.profile_steps,
         profile_dir=FLAGS.profile_dir,
+        log_to=tuple(FLAGS.log_to),
     )
 
 
@@ -96,6 +105,5 @@ def main(argv) -> None:
     if "profile" in results:
         profile = results["profile"]
         print(profile.get("error") or op_profile.format_summary(profile))
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
+    storage.write_text(FLAGS.out, json.dumps(results, indent=2))
     print(f"Results written to {FLAGS.out}")

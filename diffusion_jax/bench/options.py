@@ -31,6 +31,7 @@ class BenchOptions:
     profile_steps: int = 0  # > 0: a profile of that many train steps, per XLA operation
     profile_dir: str = "/tmp/diffusion_jax_profile"  # where the profiler writes its trace
     seed: int = 0
+    log_to: tuple[str, ...] = ()  # workdirs (local, gs://...) to time the logged step against
 
 
 def compiler_options(options: BenchOptions) -> dict[str, str]:

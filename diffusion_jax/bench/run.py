@@ -26,7 +26,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import models
-from diffusion_jax.bench import op_profile
+from diffusion_jax.bench import logging_cost, op_profile
 from diffusion_jax.bench.measure import environment, interleaved_times, memory_stats, peak_tflops
 from diffusion_jax.bench.options import COMPARE, SAMPLERS, BenchOptions
 from diffusion_jax.bench.runners import (
@@ -124,6 +124,8 @@ def run_benchmark(config: ml_collections.ConfigDict, options: BenchOptions) -> d
     if options.compare == "diffusers":
         unet, results["diffusers"] = diffusers_side(config, options, runner[1]["params"])
     results["train"] = bench_training(config, options, runner, unet)
+    if options.log_to:
+        results["logging"] = logging_cost.bench_logging(runner[0], options)
     if options.profile_steps > 0:
         results["profile"] = profile_train_step(runner[0], options)
     results["sampling"] = bench_sampling(config, options, unet)
@@ -160,6 +162,9 @@ def format_table(results: dict) -> str:
     rows.append(("... as compiled (XLA)", ours["compiled_flops_per_step"] / 1e12, None, None))
     rows.append(("train TFLOP/s", ours["tflops_per_s"], None, None))
     rows.append(("train MFU", ours["mfu"], None, None))
+    for name, entry in results.get("logging", {}).items():
+        where = "unlogged" if name == "none" else f"logged to {name}"
+        rows.append((f"train step s, {where}", entry["median_s"], None, entry["ratio"]))
     for key, entry in results["sampling"].items():
         their = entry.get("diffusers", {})
         ratio = entry.get("ratio")

@@ -5,7 +5,8 @@ follows `data.num_channels` (3: RGB, 1: L). With `data.use_labels`, the class of
 is its top-level subfolder, classes numbered in sorted order of the subfolder names
 (the folder has labels only when every image lies in such a subfolder).
 The folder is one split, named "train". Files are read lazily; an unreadable file raises
-a ValueError naming it when it is reached.
+a ValueError naming it when it is reached. The folder may be a URL (gs://bucket/images): it is
+listed once, by one listing of its objects, and each image is read whole when it is needed.
 
 Files that are not images of the data set are skipped (so they never make a class): hidden
 files and folders (names starting with ".", e.g. macOS `._name.png` AppleDouble files or
@@ -21,7 +22,8 @@ integer ("I") and float ("F") images raise a ValueError, as their range is unkno
 dropped, not composited: a transparent pixel keeps whatever colour it stores (often black).
 """
 
-import pathlib
+import io
+import os
 
 import ml_collections
 import numpy as np
@@ -30,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_jax.data import image_ops
 from diffusion_jax.data.sources import DataSource, check_split
+from diffusion_jax.runtime import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PIL_MODES = {1: "L", 3: "RGB"}
@@ -37,22 +40,27 @@ _PIL_MODES = {1: "L", 3: "RGB"}
 _UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _is_skipped(relative: pathlib.Path) -> bool:
+def _is_skipped(relative: os.PathLike) -> bool:
     """Whether a path below the folder is hidden (".name", e.g. "._x.png") or in __MACOSX/."""
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
-def _scan(root: pathlib.Path) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+def _parts(path) -> tuple[str, ...]:
+    """The sort key of a path: its components in order, as pathlib sorts local paths."""
+    return path.parts
+
+
+def _scan(root: os.PathLike) -> tuple[list[os.PathLike], list[os.PathLike]]:
     """(PNG/JPEG files, other files) under `root`, recursively, sorted; hidden ones and
     `__MACOSX/` in neither."""
     images, others = [], []
-    for path in root.rglob("*"):
-        if not _is_skipped(path.relative_to(root)) and path.is_file():
+    for path in storage.list_files(root):
+        if not _is_skipped(path.relative_to(root)):
             (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
-    return sorted(images), sorted(others)
+    return sorted(images, key=_parts), sorted(others, key=_parts)
 
 
-def list_images(root: pathlib.Path) -> list[pathlib.Path]:
+def list_images(root: os.PathLike) -> list[os.PathLike]:
     """All PNG/JPEG files under `root`, recursively, in sorted (deterministic) order.
 
     Hidden files and folders and `__MACOSX/` are skipped (see the module docstring).
@@ -63,7 +71,7 @@ def list_images(root: pathlib.Path) -> list[pathlib.Path]:
 _REPORTED_FOLDERS: set[str] = set()  # each folder's ignored files are logged once
 
 
-def _report_ignored(root: pathlib.Path, others: list[pathlib.Path], *, shown: int = 5) -> None:
+def _report_ignored(root: os.PathLike, others: list[os.PathLike], *, shown: int = 5) -> None:
     if not others or str(root) in _REPORTED_FOLDERS:
         return
     _REPORTED_FOLDERS.add(str(root))
@@ -102,13 +110,13 @@ def _to_8_bits(pil_image: Image.Image, *, file_format: str | None) -> Image.Imag
     return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8))
 
 
-def read_image(path: pathlib.Path, *, size: int, num_channels: int) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, size: int, num_channels: int) -> np.ndarray:
     """uint8 [size, size, C] from an image file; ValueError naming the file if unreadable.
 
     EXIF orientation is applied, 16-bit grey is reduced to its high byte, alpha is dropped.
     """
     try:
-        with Image.open(path) as pil_image:
+        with Image.open(io.BytesIO(storage.as_path(path).read_bytes())) as pil_image:
             file_format = pil_image.format
             upright = ImageOps.exif_transpose(pil_image)
             eight_bits = _to_8_bits(upright, file_format=file_format)
@@ -127,7 +135,7 @@ class _DecodeImageFile:
 
     def __call__(self, record: tuple[str, int | None]) -> dict[str, np.ndarray]:
         path, label = record
-        image = read_image(pathlib.Path(path), size=self.size, num_channels=self.num_channels)
+        image = read_image(path, size=self.size, num_channels=self.num_channels)
         if label is None:
             return {"x": image}
         return {"x": image, "label": np.int32(label)}
@@ -136,14 +144,14 @@ class _DecodeImageFile:
 def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
     """The images under `data.folder_path`, labelled by subfolder when all are in one."""
     check_split(split, allowed=("train",), dataset="folder")
-    if data_config.folder_path is None or not pathlib.Path(data_config.folder_path).is_dir():
+    if data_config.folder_path is None or not storage.as_path(data_config.folder_path).is_dir():
         raise FileNotFoundError(f"data.folder_path={data_config.folder_path!r} is not a directory")
     if data_config.num_channels not in _PIL_MODES:
         raise ValueError(
             f"data.num_channels={data_config.num_channels} is not allowed for folder data sets; "
             f"allowed: {sorted(_PIL_MODES)}"
         )
-    root = pathlib.Path(data_config.folder_path)
+    root = storage.as_path(data_config.folder_path)
     paths, others = _scan(root)
     _report_ignored(root, others)
     if not paths:

@@ -28,6 +28,7 @@ from sklearn.datasets import load_digits
 from diffusion_jax.data import digits as digits_data
 from diffusion_jax.evaluation import inception, inception_weights
 from diffusion_jax.evaluation.metrics import FeatureStats
+from diffusion_jax.runtime import storage
 
 
 @runtime_checkable
@@ -228,19 +229,17 @@ def train_digits_classifier(
 
 
 def save_digits_classifier(path: str | os.PathLike, trained: TrainedDigitsClassifier) -> None:
-    """Write atomically (a temporary file, then a rename), so that the processes of a
-    multi-host evaluation, which all train the same classifier, never leave a torn file."""
+    """Write atomically (a temporary file, then a rename; in an object store, one upload), so
+    that the processes of a multi-host evaluation, which all train the same classifier, never
+    leave a torn file."""
     flat = inception_weights.flatten_variables({"params": trained.params})
-    temporary = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(temporary, "wb") as file:
-        np.savez(file, **flat, test_accuracy=np.asarray(trained.test_accuracy))
-    os.replace(temporary, path)
+    storage.save_npz(path, **flat, test_accuracy=np.asarray(trained.test_accuracy))
 
 
 def load_digits_classifier(path: str | os.PathLike) -> TrainedDigitsClassifier:
-    if not os.path.isfile(path):
+    if not storage.as_path(path).is_file():
         raise FileNotFoundError(f"digits classifier file {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as archive:
+    with storage.load_npz(path) as archive:
         flat = {name: archive[name] for name in archive.files if name.startswith("params/")}
         if "test_accuracy" not in archive.files or not flat:
             raise ValueError(f"{path}: not a digits classifier file (no params/test_accuracy)")
@@ -252,7 +251,7 @@ def load_digits_classifier(path: str | os.PathLike) -> TrainedDigitsClassifier:
 
 def digits_extractor(*, cache_path: str | os.PathLike | None = None, seed: int = 0):
     """The digits extractor, trained once and cached at `cache_path` (.npz) when given."""
-    if cache_path is not None and os.path.isfile(cache_path):
+    if cache_path is not None and storage.as_path(cache_path).is_file():
         trained = load_digits_classifier(cache_path)
     else:
         trained = train_digits_classifier(seed=seed)
@@ -293,7 +292,7 @@ def cached_reference_stats(
     extractor: FeatureExtractor, batches: Iterable, *, cache_path: str | os.PathLike
 ) -> FeatureStats:
     """Statistics of a data set split, computed once and cached as an .npz file."""
-    if os.path.isfile(cache_path):
+    if storage.as_path(cache_path).is_file():
         stats = FeatureStats.load_npz(cache_path)
         if stats.extractor != extractor.name or stats.dim != extractor.feature_dim:
             raise ValueError(

@@ -20,6 +20,7 @@ from diffusion_jax.evaluation.inception import (
     INCEPTION_SIZE,
     FIDInceptionV3,
 )
+from diffusion_jax.runtime import storage
 
 FORMAT_VERSION = 1
 _META_PREFIX = "meta/"
@@ -117,8 +118,8 @@ def save_inception_variables(
         f"{_META_PREFIX}source_sha256": np.asarray(source_sha256),
         f"{_META_PREFIX}content_digest": np.asarray(digest),
     }
-    with open(path, "wb") as stream:
-        np.savez(stream, **{name: value.astype(np.float32) for name, value in flat.items()}, **meta)
+    arrays = {name: value.astype(np.float32) for name, value in flat.items()}
+    storage.save_npz(path, **arrays, **meta)
     return InceptionWeightsInfo(str(path), source_sha256, digest)
 
 
@@ -132,7 +133,7 @@ def load_inception_variables(
     `expected_digest`.
     """
     path = str(path)
-    if not os.path.isfile(path):
+    if not storage.as_path(path).is_file():
         raise FileNotFoundError(
             f"Inception weights file {path!r} does not exist. Get pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth and convert it with `python -m "
@@ -140,7 +141,7 @@ def load_inception_variables(
             f"{path}` (see docs/evaluation.md)."
         )
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with storage.load_npz(path) as archive:
             contents = {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable .npz weights file ({error})") from error

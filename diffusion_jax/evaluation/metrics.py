@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.runtime import storage
+
 
 def _as_feature_matrix(features: np.ndarray, *, name: str) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
@@ -72,17 +74,16 @@ class FeatureStats:
     def save_npz(self, path: str | os.PathLike) -> None:
         """Writes mu and sigma (pytorch-fid's key names) plus what resumes the stream."""
         mu, sigma = self.mean_cov()
-        with open(path, "wb") as file:  # np.savez(path) would append ".npz" to another suffix
-            np.savez(
-                file, mu=mu, sigma=sigma, count=self.count, scatter=self.scatter,
-                extractor=np.asarray(self.extractor),
-            )  # fmt: skip
+        storage.save_npz(
+            path, mu=mu, sigma=sigma, count=self.count, scatter=self.scatter,
+            extractor=np.asarray(self.extractor),
+        )  # fmt: skip
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike) -> FeatureStats:
-        if not os.path.isfile(path):
+        if not storage.as_path(path).is_file():
             raise FileNotFoundError(f"feature statistics file {str(path)!r} does not exist")
-        with np.load(path, allow_pickle=False) as archive:
+        with storage.load_npz(path) as archive:
             missing = {"mu", "count", "scatter", "extractor"} - set(archive.files)
             if missing:
                 raise ValueError(f"{path}: not a FeatureStats file, missing {sorted(missing)}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
-import pathlib
+import os
 from typing import NamedTuple
 
 import jax
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion_jax import data, samplers
@@ -41,7 +42,7 @@ from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import sample_quality
 from diffusion_jax.runs import generate, latent, restore
 from diffusion_jax.runs import likelihood as likelihood_eval
-from diffusion_jax.runtime import compilation, console, parallel, progress
+from diffusion_jax.runtime import compilation, console, parallel, progress, storage
 
 EVAL_DIR = "eval"
 EXTRACTORS = ("auto", "digits", "inception")
@@ -167,7 +168,7 @@ def make_extractor(config: ml_collections.ConfigDict, workdir) -> features_lib.F
     if kind == "auto":
         kind = "digits" if config.data.name == "digits" else "inception"
     if kind == "digits":
-        directory = pathlib.Path(workdir) / EVAL_DIR
+        directory = storage.as_path(workdir) / EVAL_DIR
         directory.mkdir(parents=True, exist_ok=True)
         return features_lib.digits_extractor(cache_path=directory / "digits_classifier.npz")
     if not config.eval.inception_weights:
@@ -247,12 +248,12 @@ def evaluate_samples(config, workdir, model, params, mesh, decode=None) -> dict:
     return report
 
 
-def write_report(workdir: str | pathlib.Path, report: dict) -> pathlib.Path:
-    directory = pathlib.Path(workdir) / EVAL_DIR
+def write_report(workdir: str | os.PathLike, report: dict) -> epath.Path:
+    directory = storage.as_path(workdir) / EVAL_DIR
     path = directory / f"step_{report['step']}_{report['params']}.json"
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        storage.write_text(path, json.dumps(report, indent=2) + "\n")
     return path
 
 
@@ -266,7 +267,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report = {
         "step": step,
         "params": params_name(config),
-        "checkpoint": str(pathlib.Path(workdir).absolute() / "checkpoints" / str(step)),
+        "checkpoint": str(storage.absolute(workdir) / "checkpoints" / str(step)),
         "likelihood": {},
     }
     decode = latent.decoder_for(config, state, mesh)
@@ -284,7 +285,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def show_summary(report: dict, path: pathlib.Path) -> None:
+def show_summary(report: dict, path: os.PathLike) -> None:
     """The report's figures, one row per sampler setting and likelihood."""
     rows = []
     for entry in report.get("samples", []):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable
 
 import jax
@@ -11,7 +10,7 @@ from absl import logging
 
 from diffusion_jax import models
 from diffusion_jax.runs import build, validate
-from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import parallel, storage
 from diffusion_jax.training import checkpointing, optimizer, train_state
 from diffusion_jax.training.train_state import TrainState
 
@@ -86,6 +85,6 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
 
 def _no_checkpoint(workdir: str) -> FileNotFoundError:
     return FileNotFoundError(
-        f"No checkpoint in {pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR}; "
+        f"No checkpoint in {storage.as_path(workdir) / checkpointing.CHECKPOINT_DIR}; "
         "train first with --mode=train and the same --workdir."
     )

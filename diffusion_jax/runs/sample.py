@@ -6,19 +6,20 @@ class-conditional model, "labels") and a PNG of them.
 
 from __future__ import annotations
 
-import pathlib
+import io
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from diffusion_jax.runs import generate, latent, restore
-from diffusion_jax.runtime import compilation, console, images, parallel, progress
+from diffusion_jax.runtime import compilation, console, images, parallel, progress, storage
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+def sample(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
     """--mode=sample: `sampling.num_images` samples from the latest checkpoint's EMA params."""
     start = time.monotonic()
     model, state, step = restore.restore_for_inference(config, workdir)
@@ -33,11 +34,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
         "generate",
     )
     samples, labels = generate.draw_samples(config, generate_fn, params)
-    directory = pathlib.Path(workdir) / "samples"
+    directory = storage.as_path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
     arrays_path = directory / f"sample_{step}.npz"
-    np.savez(arrays_path, **arrays)
+    encoded = io.BytesIO()
+    np.savez(encoded, **arrays)
+    storage.write_bytes(arrays_path, encoded.getvalue())
     path = images.write_samples(directory, f"sample_{step}", samples)
     logging.info("Wrote %d samples of step %d to %s", len(samples), step, path)
     if jax.process_index() == 0:

@@ -6,7 +6,7 @@ workdir, with sample grids and bits/dim evaluations along the way.
 
 from __future__ import annotations
 
-import pathlib
+import os
 import time
 
 import jax
@@ -16,7 +16,15 @@ from absl import logging
 
 from diffusion_jax import data
 from diffusion_jax.runs import build, generate, latent, restore, validate
-from diffusion_jax.runtime import compilation, console, images, metrics_writer, parallel, progress
+from diffusion_jax.runtime import (
+    compilation,
+    console,
+    images,
+    metrics_writer,
+    parallel,
+    progress,
+    storage,
+)
 from diffusion_jax.training import loop, preemption, train_step
 from diffusion_jax.training.train_state import TrainState
 
@@ -55,7 +63,7 @@ def check_evaluation_data(config: ml_collections.ConfigDict, num_devices: int) -
         )
 
 
-def make_sample_grid_hook(config, model, strategy, writer, workdir: pathlib.Path, rng, decode=None):
+def make_sample_grid_hook(config, model, strategy, writer, workdir, rng, decode=None):
     """`hook(state, step, final=False) -> path`: samples of the EMA parameters with the
     configured sampler (decoded by `decode` in a latent run), as workdir/samples/
     step_<step>.png (and TensorBoard; at the end workdir/samples.png, the path returned)."""
@@ -125,9 +133,9 @@ def setup_latents(config, strategy, state, step_fn, fresh: bool, rng):
     return state, latent.encoding_train_step(step_fn, space, rng), space.decode
 
 
-def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Trainer:
+def setup_trainer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> loop.Trainer:
     """Mesh, model, optimizer, data, checkpoint manager, the restored or fresh state, hooks."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(config.training.batch_size, strategy.num_devices)
     if config.training.eval_every > 0:
@@ -206,7 +214,7 @@ def training_summary(trainer: loop.Trainer, samples, *, eval_name: str = "bits/d
     }
 
 
-def show_summary(summary: dict, path: pathlib.Path) -> None:
+def show_summary(summary: dict, path: os.PathLike) -> None:
     steps, loss = summary["steps"], summary["loss"]
     losses = None
     if loss["final"] is not None:
@@ -231,13 +239,13 @@ def show_summary(summary: dict, path: pathlib.Path) -> None:
 
 
 def write_summary(
-    trainer: loop.Trainer, workdir: pathlib.Path, samples, *, eval_name: str = "bits/dim"
+    trainer: loop.Trainer, workdir: os.PathLike, samples, *, eval_name: str = "bits/dim"
 ) -> dict:
     """The closing summary on the console and as WORKDIR/summary.json (process 0)."""
     summary = training_summary(trainer, samples, eval_name=eval_name)
-    path = workdir / SUMMARY_FILE
+    path = storage.as_path(workdir) / SUMMARY_FILE
     if jax.process_index() == 0:
-        path.write_text(metrics_writer.dumps(summary, indent=2) + "\n")
+        storage.write_text(path, metrics_writer.dumps(summary, indent=2) + "\n")
         show_summary(summary, path)
     return summary
 
@@ -252,5 +260,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             samples = trainer.on_sample(trainer.state, trainer.host_step, final=True)
     finally:
         trainer.close()
-    write_summary(trainer, pathlib.Path(workdir), samples)
+    write_summary(trainer, workdir, samples)
     return trainer.state

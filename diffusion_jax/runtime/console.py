@@ -8,6 +8,8 @@ to the run's log file.
     report_error(error, log_path)   # one line on stderr; the traceback is in the log file
 
 `verbose` (the `--verbosity` flag given) leaves absl's console logging as it is.
+A log file in an object store (WORKDIR gs://bucket/run) is written to a local staging file and
+uploaded in the background (`storage.MirroredDirectory`), and once more by `close`.
 A record's `extra={"console": False}` keeps it off the console.
 """
 
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import pathlib
 import sys
 
 from absl import logging as absl_logging
+from etils import epath
+
+from diffusion_jax.runtime import storage
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
@@ -49,7 +55,9 @@ class LogRouting:
         self._buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=100)
         root.addHandler(self._buffer)
         logging.captureWarnings(True)  # Python warnings (deprecations, ...) as log records
-        self.path: pathlib.Path | None = None
+        self.path: epath.Path | None = None
+        self._mirror: storage.MirroredDirectory | None = None
+        self._file_handler: logging.Handler | None = None
         if verbose:
             return
         absl_logging.set_verbosity(absl_logging.INFO)  # recorded in the file
@@ -61,11 +69,12 @@ class LogRouting:
         console.setFormatter(_ConsoleFormatter())
         root.addHandler(console)
 
-    def to_file(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Append what was held and everything after it to `path`."""
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(self.path)
+    def to_file(self, path: str | os.PathLike) -> epath.Path:
+        """Append what was held and everything after it to `path` (local or a URL)."""
+        self.path = storage.as_path(path)
+        self._mirror = storage.MirroredDirectory(self.path.parent, pull=(self.path.name,))
+        file_handler = logging.FileHandler(self._mirror.local / self.path.name)
+        self._file_handler = file_handler
         file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
         file_handler.setLevel(logging.INFO)
         self._buffer.setTarget(file_handler)
@@ -75,6 +84,16 @@ class LogRouting:
         root.addHandler(file_handler)
         self._buffer.close()
         return self.path
+
+    def close(self) -> None:
+        """Flush the log file (and upload it, where it is remote); logging goes on to the
+        console only."""
+        if self._file_handler is None:
+            return
+        logging.getLogger().removeHandler(self._file_handler)
+        self._file_handler.close()
+        self._file_handler = None
+        self._mirror.close()
 
 
 def print_summary(title: str, rows: list[tuple[str, object]], *, stream=None) -> None:
@@ -88,7 +107,7 @@ def print_summary(title: str, rows: list[tuple[str, object]], *, stream=None) ->
 
 
 def report_error(
-    error: BaseException, log_path: str | pathlib.Path | None, *, message: str | None = None
+    error: BaseException, log_path: str | os.PathLike | None, *, message: str | None = None
 ) -> None:
     """The error as one message on stderr (its own, or `message`), the traceback in the log."""
     absl_logging.error("The run stopped on an error", exc_info=error, extra={"console": False})

@@ -1,12 +1,17 @@
-"""Pictures of samples: image grids, scatter plots of 2-D points, PNG files."""
+"""Pictures of samples: image grids, scatter plots of 2-D points, PNG files (local or in an
+object store: each PNG is encoded in memory and written whole)."""
 
 from __future__ import annotations
 
+import io
 import math
-import pathlib
+import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from diffusion_jax.runtime import storage
 
 
 def image_grid(images: np.ndarray, *, columns: int | None = None, scale: int = 1) -> np.ndarray:
@@ -43,17 +48,19 @@ def scatter_image(
     return image
 
 
-def write_png(path: str | pathlib.Path, image: np.ndarray) -> None:
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 image [H, W, C] (C = 1 or 3) as PNG."""
     image = np.asarray(image)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    encoded = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(encoded, format="PNG")
+    storage.write_bytes(path, encoded.getvalue())
 
 
 def write_samples(
-    directory: str | pathlib.Path, name: str, samples: np.ndarray, *, reference=None
-) -> pathlib.Path:
+    directory: str | os.PathLike, name: str, samples: np.ndarray, *, reference=None
+) -> epath.Path:
     """`name`.png: an image grid (images) or a scatter plot (2-D points); returns its path."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 2:
         picture = scatter_image(samples, reference=reference)

@@ -9,15 +9,25 @@ JSON. A run started from the checkpoint of step
 S (or from scratch, S = 0) first drops what a stopped run logged after S (rows of
 metrics.jsonl; TensorBoard's events through tensorboardX's `purge_step`), so each step is
 recorded once.
+
+In a workdir in an object store (gs://bucket/run), both files are written to a local staging
+directory (metrics.jsonl first copied from the workdir) and uploaded by a background thread
+every `storage.SYNC_INTERVAL_S` seconds and at `close` (`storage.MirroredDirectory`): an object
+store has no append, and a write per logged step would put a network round trip on the train
+loop. tensorboardX could write gs:// itself, but through the google-cloud-storage client and
+only for GCS; staging serves every store and the log file alike.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 
 import numpy as np
+
+from diffusion_jax.runtime import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -57,27 +67,29 @@ class MetricsWriter:
 
     def __init__(
         self,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike,
         *,
         enabled: bool,
         start_step: int | None = None,
     ):
         """`enabled`: write files (process 0); `start_step`: the step a run starts from (its
         checkpoint's, or 0), whose later rows a stopped run may have logged."""
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = storage.as_path(workdir)
         self.enabled = enabled
         self._summary = None
         self._jsonl = None
+        self._mirror = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._mirror = storage.MirroredDirectory(workdir, pull=(METRICS_FILE,))
+            local = self._mirror.local
             purge_step = None
             if start_step is not None:
-                drop_rows_after(self.workdir / METRICS_FILE, start_step)
+                drop_rows_after(local / METRICS_FILE, start_step)
                 purge_step = start_step + 1
-            self._summary = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge_step)
-            self._jsonl = open(self.workdir / METRICS_FILE, "a")  # noqa: SIM115
+            self._summary = SummaryWriter(str(local / "tensorboard"), purge_step=purge_step)
+            self._jsonl = open(local / METRICS_FILE, "a")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -91,7 +103,14 @@ class MetricsWriter:
         if self.enabled:
             self._summary.add_image(name, np.asarray(image), step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Start uploading what was written (a remote workdir; the caller does not wait)."""
+        if self.enabled:
+            self._summary.flush()
+            self._mirror.request_sync()
+
     def close(self) -> None:
         if self.enabled:
             self._summary.close()
             self._jsonl.close()
+            self._mirror.close()

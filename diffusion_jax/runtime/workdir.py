@@ -21,6 +21,13 @@ folder. So a training run holds the workdir's lock while it runs:
   run known to be gone, e.g. on a host that no longer exists. If that run is in fact alive,
   both write the workdir, and the old one no longer removes the lock.
 - On a multi-host run, process 0 holds the lock for all processes (they share the workdir).
+- A workdir in an object store (gs://bucket/run) has its lock there too, created as atomically
+  (an upload with the precondition ifGenerationMatch=0: of two runs, one gets it). A lock
+  taken over there is deleted and created again, as object stores have no rename: two runs
+  taking over the same stale lock at once are told apart by that creation, but a run that
+  took it over between another's read and delete loses it (a window of one request). A stale
+  lock is still detected only on the host that wrote it: the pid check is per host, so a lock
+  left by a preempted TPU VM is refused until `--force`.
 
 Only training takes the lock. `--mode sample` and `--mode eval` only read checkpoints (and
 write their own samples/ and evaluation files), and sampling a checkpoint of a run that is
@@ -41,6 +48,9 @@ from collections.abc import Iterator
 
 import jax
 from absl import logging
+from etils import epath
+
+from diffusion_jax.runtime import storage
 
 LOCK_FILE = "lock.json"
 
@@ -91,7 +101,7 @@ def _is_alive(owner: dict) -> bool | None:
     return recorded is None or now is None or recorded == now  # else the pid was reused
 
 
-def _read(path: pathlib.Path) -> dict | None:
+def _read(path: epath.Path) -> dict | None:
     """The lock's owner; None if there is no lock; {} if it cannot be parsed."""
     try:
         text = path.read_text()
@@ -104,19 +114,12 @@ def _read(path: pathlib.Path) -> dict | None:
     return owner if isinstance(owner, dict) else {}
 
 
-def _create(path: pathlib.Path, owner: dict) -> bool:
+def _create(path: epath.Path, owner: dict) -> bool:
     """Write the lock atomically; False if one exists."""
-    try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(owner, file, indent=1)
-        file.write("\n")
-    return True
+    return storage.create_exclusive(path, (json.dumps(owner, indent=1) + "\n").encode())
 
 
-def _refusal(path: pathlib.Path, owner: dict, reason: str) -> WorkdirLockedError:
+def _refusal(path: epath.Path, owner: dict, reason: str) -> WorkdirLockedError:
     command = f" ({owner['command']})" if owner.get("command") else ""
     return WorkdirLockedError(
         f"The workdir {path.parent} is in use by another training run: {describe(owner)}"
@@ -126,8 +129,21 @@ def _refusal(path: pathlib.Path, owner: dict, reason: str) -> WorkdirLockedError
     )
 
 
-def _take_over(path: pathlib.Path, old: dict, mine: dict, why: str) -> None:
+def _set_aside_remote(path: epath.Path, old: dict) -> None:
+    """An object store's take-over: delete the lock if it is still `old`'s (no rename there)."""
+    if _read(path) != old:
+        raise _refusal(path, _read(path) or {}, "it has just taken the lock over")
+    path.unlink(missing_ok=True)
+
+
+def _take_over(path: epath.Path, old: dict, mine: dict, why: str) -> None:
     """Replace the lock whose owner is `old` by `mine`, unless another run replaced it first."""
+    if storage.is_remote(path):
+        _set_aside_remote(path, old)
+        logging.warning("Taking over the lock of %s: %s (%s).", path.parent, describe(old), why)
+        if not _create(path, mine):
+            raise _refusal(path, _read(path) or {}, "it has just taken the lock over")
+        return
     aside = path.with_name(f"{path.name}.{mine['pid']}.old")
     try:
         os.rename(path, aside)  # of two runs taking over, one moves the old lock
@@ -145,11 +161,11 @@ def _take_over(path: pathlib.Path, old: dict, mine: dict, why: str) -> None:
         raise _refusal(path, _read(path) or {}, "it has just taken the lock over")
 
 
-def acquire(workdir: str | pathlib.Path, *, force: bool = False) -> dict:
+def acquire(workdir: str | os.PathLike, *, force: bool = False) -> dict:
     """Take the lock of `workdir` (created if need be); returns the owner record written.
 
     WorkdirLockedError if another run holds it (see the module docstring)."""
-    path = pathlib.Path(workdir) / LOCK_FILE
+    path = storage.as_path(workdir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     mine = _owner()
     while not _create(path, mine):
@@ -171,17 +187,16 @@ def acquire(workdir: str | pathlib.Path, *, force: bool = False) -> dict:
     return mine
 
 
-def release(workdir: str | pathlib.Path, owner: dict) -> None:
+def release(workdir: str | os.PathLike, owner: dict) -> None:
     """Remove the lock if it is still `owner`'s (a forced take-over made it another's)."""
-    path = pathlib.Path(workdir) / LOCK_FILE
+    path = storage.as_path(workdir) / LOCK_FILE
     if _read(path) == owner:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def lock(
-    workdir: str | pathlib.Path, *, force: bool = False, exclusive: bool = True
+    workdir: str | os.PathLike, *, force: bool = False, exclusive: bool = True
 ) -> Iterator[None]:
     """Hold the workdir's lock for the duration (process 0 of a multi-host run; the others,
     and `exclusive=False`, do nothing)."""

@@ -25,6 +25,26 @@ null_cond (classifier-free guidance around the model). Per sampler (see each fac
 - ode: solver ("tsit5" | "dopri5"), rtol, atol, max_steps, denoise_final.
 - flow_euler, flow_heun: time_spacing (default "time_uniform"); prediction defaults to
   "velocity".
+
+Samplers on a sigma grid (`sigma_grid`, one helper for all). Grid options, every one of them:
+sigmas ("schedule" | "karras" | "exponential" | "beta"; rho for Karras), spacing (diffusers'
+timestep spacing on a discrete process: "linspace" | "leading" | "trailing") with
+steps_offset, final_sigma ("zero" | "sigma_min" | "last"), time_spacing (the levels of
+sigmas="schedule" on a continuous schedule). dpm_solver++ (multistep) and edm_euler / edm_heun
+take them too (sigmas=...), pndm / ddim / ddpm take spacing.
+- euler, heun: k-diffusion's Euler / Heun (EDM's step, `edm`) on the grid; s_churn etc.
+- euler_ancestral: eta, s_noise. lms: order (1-4; weights by host-side quadrature).
+- dpm2, dpm2_ancestral: DPM-Solver-2 in sigma space (eta, s_noise for the ancestral one).
+- dpm_solver++_sde: DPM-Solver++ 2M SDE (order=2) / 3M SDE (order=3), second_difference
+  ("taylor" | "reference": diffusers' 3M), lower_order_final, s_noise, thresholding.
+- dpm_solver++_2s_sde: single-step DPM-Solver++(2S) SDE (diffusers' DPMSolverSDEScheduler,
+  matched in distribution: its Brownian increments come from the sampler's key).
+- unipc: order (1-3), variant ("bh1" | "bh2"), predict_x0 (data or noise form),
+  lower_order_final, disable_corrector (step indices, as diffusers), thresholding.
+- deis: order (1-3; DEIS-logrho), lower_order_final.
+- pndm: skip_prk_steps (PLMS as Stable Diffusion), set_alpha_to_one, spacing, steps_offset.
+A diffusers `scheduler_config.json` dict maps to (name, options, process) with
+`diffusers_config.from_diffusers_config`.
 """
 
 from __future__ import annotations
@@ -41,7 +61,24 @@ from diffusion_jax.diffusion.noise_schedule import (
     as_noise_schedule,
     continuous_schedule,
 )
-from diffusion_jax.samplers import ancestral, common, dpm_solver, edm, flow, ode, sde
+from diffusion_jax.samplers import (
+    ancestral,
+    common,
+    deis,
+    diffusers_config,
+    dpm2,
+    dpm_solver,
+    dpm_solver_sde,
+    edm,
+    euler_ancestral,
+    flow,
+    lms,
+    ode,
+    pndm,
+    sde,
+    sigma_grid,
+    unipc,
+)
 from diffusion_jax.samplers.ancestral import make_ddim_inversion
 from diffusion_jax.samplers.common import ModelFn, SampleFn
 from diffusion_jax.samplers.guidance import classifier_free_guidance
@@ -60,9 +97,22 @@ SAMPLERS: dict[str, Callable[..., SampleFn]] = {
     "ode": ode.make_ode_sampler,
     "flow_euler": functools.partial(flow.make_flow_sampler, heun=False),
     "flow_heun": functools.partial(flow.make_flow_sampler, heun=True),
+    "euler": functools.partial(edm.make_edm_sampler, heun=False, sigmas="schedule"),
+    "heun": functools.partial(edm.make_edm_sampler, heun=True, sigmas="schedule"),
+    "euler_ancestral": euler_ancestral.make_euler_ancestral_sampler,
+    "lms": lms.make_lms_sampler,
+    "dpm2": functools.partial(dpm2.make_dpm2_sampler, ancestral=False),
+    "dpm2_ancestral": functools.partial(dpm2.make_dpm2_sampler, ancestral=True),
+    "dpm_solver++_sde": functools.partial(
+        dpm_solver_sde.make_dpm_solver_multistep, stochastic=True
+    ),
+    "dpm_solver++_2s_sde": dpm_solver_sde.make_dpm_solver_singlestep_sde,
+    "unipc": unipc.make_unipc_sampler,
+    "deis": deis.make_deis_sampler,
+    "pndm": pndm.make_pndm_sampler,
 }
 # Options fixed by the registry name: passing them would change which sampler it is.
-_FIXED = {"algorithm", "heun"}
+_FIXED = {"algorithm", "heun", "ancestral", "stochastic"}
 
 
 def get_sampler(name: str) -> Callable[..., SampleFn]:
@@ -126,8 +176,10 @@ __all__ = [
     "classifier_free_guidance",
     "common",
     "continuous_schedule",
+    "diffusers_config",
     "get_sampler",
     "make_ddim_inversion",
     "make_sampler",
     "sampler_options",
+    "sigma_grid",
 ]

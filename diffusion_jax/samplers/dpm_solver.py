@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import noise_schedule
-from diffusion_jax.samplers import common
+from diffusion_jax.samplers import common, dpm_solver_sde
 
 ORDERS = (1, 2, 3)
 
@@ -149,8 +149,18 @@ def make_dpm_solver(
     threshold_percentile: float = 0.995,
     threshold_max: float = 1.0,
     variance_type: str = "fixed_small",
+    sigmas: str | None = None,
+    spacing: str | None = None,
+    steps_offset: int = 0,
+    rho: float = 7.0,
+    final_sigma: str = "zero",
+    second_difference: str = "taylor",
 ) -> common.SampleFn:
     """DPM-Solver ("noise") or DPM-Solver++ ("data") with num_steps network evaluations.
+
+    With `sigmas` or `spacing` set, multistep DPM-Solver++ runs on the shared sigma grid
+    (`sigma_grid`; diffusers' DPMSolverMultistepScheduler, `dpm_solver_sde` with
+    stochastic=False), where `second_difference` chooses 3M's D2.
 
     Single-step: steps of `order` evaluations each, lower orders at the end to use exactly
     num_steps evaluations. Multistep: one evaluation per step, lower orders during warm-up
@@ -158,6 +168,19 @@ def make_dpm_solver(
     at t_min (one more evaluation). Thresholding acts on x0_hat in either formulation.
     """
     name = "dpm_solver++" if algorithm == "data" else "dpm_solver"
+    if sigmas is not None or spacing is not None:
+        if algorithm != "data" or not multistep or denoise_final:
+            raise ValueError(
+                "sigmas / spacing (a sigma grid) work with multistep 'dpm_solver++' without "
+                "denoise_final; for noise prediction or single-step use time_spacing"
+            )
+        return dpm_solver_sde.make_dpm_solver_multistep(
+            schedule, num_steps=num_steps, prediction=prediction, order=order, stochastic=False,
+            second_difference=second_difference, lower_order_final=lower_order_final,
+            sigmas=sigmas or "schedule", spacing=spacing, steps_offset=steps_offset, rho=rho,
+            final_sigma=final_sigma, time_spacing=time_spacing, clip_x0=clip_x0,
+            thresholding=thresholding, variance_type=variance_type,
+        )  # fmt: skip
     common.check_choice(algorithm, ("noise", "data"), option="algorithm")
     common.check_choice(order, ORDERS, option=f"order of {name}")
     common.check_num_steps(num_steps, minimum=1, name=name)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import noise_schedule, schedules
-from diffusion_jax.samplers import common
+from diffusion_jax.samplers import common, sigma_grid
 
 
 def _sigma_range(schedule, sigma_min, sigma_max):
@@ -34,18 +34,23 @@ def _sigma_range(schedule, sigma_min, sigma_max):
     return sigma_min, sigma_max
 
 
-def _make_denoiser(schedule, x0_eps_fn):
-    """`denoise(model_fn, x, sigma, cond)`: D(x; sigma) of EDM's scaled variable x = x_t /
-    alpha, from the network at x_t = alpha x and the time whose log-SNR is -2 log sigma."""
+def _edm_grid(schedule, num_steps, sigma_min, sigma_max, rho) -> sigma_grid.SigmaGrid:
+    """EDM's own grid: Karras sigmas over the schedule's range, the network's time at each from
+    the continuous view t(lambda = -2 log sigma) (the discrete schedule's time for DDPM)."""
+    schedule = noise_schedule.as_noise_schedule(schedule)
+    common.check_finite_log_snr(schedule, name="edm")
+    sigma_min, sigma_max = _sigma_range(schedule, sigma_min, sigma_max)
+    sigmas = jnp.asarray(
+        schedules.karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho),
+        jnp.float32,
+    )
 
-    def denoise(model_fn, x, sigma, cond):
-        log_snr = -2.0 * jnp.log(sigma)
-        alpha, sigma_t = noise_schedule.alpha_sigma_of_log_snr(schedule.kind, log_snr)
-        model_t = schedule.model_time(schedule.t_from_log_snr(log_snr))
-        x0, _ = x0_eps_fn(model_fn, alpha * x, common.batch_time(model_t, x), alpha, sigma_t, cond)
-        return x0
+    def model_time_of_sigma(sigma):
+        log_snr = -2.0 * jnp.log(jnp.maximum(sigma, 1e-10))
+        return schedule.model_time(schedule.t_from_log_snr(log_snr))
 
-    return denoise
+    model_times = model_time_of_sigma(sigmas).at[-1].set(0.0)
+    return sigma_grid.SigmaGrid(sigmas, model_times, schedule.kind, model_time_of_sigma)
 
 
 def make_edm_sampler(
@@ -54,6 +59,11 @@ def make_edm_sampler(
     num_steps: int,
     prediction: str = "eps",
     heun: bool = True,
+    sigmas: str | None = None,
+    spacing: str | None = None,
+    steps_offset: int = 0,
+    final_sigma: str = "zero",
+    time_spacing: str = "log_snr",
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
@@ -70,45 +80,58 @@ def make_edm_sampler(
     min(s_churn / N, sqrt(2) - 1) for sigma_i in [s_tmin, s_tmax], adding noise of std
     s_noise sqrt(sigma_hat^2 - sigma_i^2); then an Euler step to sigma_{i+1}, corrected by
     Heun's rule unless sigma_{i+1} = 0. NFE: num_steps (Euler), 2 num_steps - 1 (Heun).
+
+    sigmas=None is EDM's grid (Karras over [sigma_min, sigma_max], default the schedule's
+    range); any of `sigma_grid.SIGMA_SPACINGS` takes the shared grid instead (with spacing,
+    steps_offset, final_sigma, time_spacing), as diffusers' EulerDiscreteScheduler and
+    HeunDiscreteScheduler do: registry names "euler" and "heun".
     """
     name = "edm_heun" if heun else "edm_euler"
     common.check_num_steps(num_steps, minimum=1, name=name)
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
-    schedule = noise_schedule.as_noise_schedule(schedule)
-    common.check_finite_log_snr(schedule, name=name)
-    sigma_min, sigma_max = _sigma_range(schedule, sigma_min, sigma_max)
-    sigmas = jnp.asarray(
-        schedules.karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho),
-        jnp.float32,
-    )
+    if sigmas is None:
+        grid = _edm_grid(schedule, num_steps, sigma_min, sigma_max, rho)
+    elif sigma_min is not None or sigma_max is not None:
+        raise ValueError("sigma_min and sigma_max set EDM's own grid: use them with sigmas=None")
+    else:
+        grid = sigma_grid.checked_grid(
+            schedule, num_steps, name=name, prediction=prediction, sigmas=sigmas,
+            spacing=spacing, steps_offset=steps_offset, rho=rho, final_sigma=final_sigma,
+            time_spacing=time_spacing,
+        )  # fmt: skip
     gamma = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
-    denoise = _make_denoiser(
-        schedule,
+    denoise = sigma_grid.make_denoiser(
+        grid,
         common.make_x0_eps_fn(prediction=prediction, variance_type=variance_type, clip_x0=clip_x0),
     )
 
+    nfe = 2 * num_steps - int(float(grid.sigmas[-1]) == 0.0) if heun else num_steps
+
     def sample(model_fn, noise, rng, cond=None):
         def step(i, x):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
             churn = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma, 0.0)
             sigma_hat = sigma * (1.0 + churn)
             # sqrt(sigma_hat^2 - sigma^2), written so that it is exactly 0 without churn.
             extra_noise = sigma * jnp.sqrt(churn * (2.0 + churn)) * s_noise
             x_hat = x + extra_noise * common.step_noise(rng, i, x)
-            slope = (x_hat - denoise(model_fn, x_hat, sigma_hat, cond)) / sigma_hat
+            time_hat = grid.model_time_of_sigma(sigma_hat)
+            time_hat = jnp.where(churn > 0, time_hat, grid.model_times[i])
+            slope = (x_hat - denoise(model_fn, x_hat, sigma_hat, time_hat, cond)) / sigma_hat
             x_next = x_hat + (sigma_next - sigma_hat) * slope
             if not heun:
                 return x_next
 
             def corrected(x_next):
-                slope_next = (x_next - denoise(model_fn, x_next, sigma_next, cond)) / sigma_next
+                x0_next = denoise(model_fn, x_next, sigma_next, grid.model_times[i + 1], cond)
+                slope_next = (x_next - x0_next) / sigma_next
                 return x_hat + (sigma_next - sigma_hat) * 0.5 * (slope + slope_next)
 
             return jax.lax.cond(sigma_next > 0, corrected, lambda x_next: x_next, x_next)
 
-        x0 = jax.lax.fori_loop(0, num_steps, step, sigmas[0] * noise)
-        nfe = 2 * num_steps - 1 if heun else num_steps
+        x = jax.lax.fori_loop(0, num_steps, step, grid.sigmas[0] * noise)
+        x0 = sigma_grid.unscaled(grid, x)
         return x0, {"nfe": jnp.int32(nfe)}
 
     return sample

@@ -25,12 +25,20 @@ the loop calls after every step, or at the latest by the next `save` or `wait_fo
 one `CheckpointSaveError` naming the directory and the cause; the run stops (or saves again,
 up to `retries` times in a row) rather than train on without a checkpoint. A failed save is
 never committed and deletes no older checkpoint: the previous one stays restorable.
+
+A workdir in an object store (gs://bucket/run) works alike, through Orbax's own support: there
+Orbax writes a step in place, `checkpoints/<step>/`, and commits it last by writing
+`commit_success.txt` (an object store has no atomic rename of a folder); a step without it (a
+save interrupted by a kill or a preemption) is not listed, so never restored, and the previous
+one is (other stores get Orbax's temporary folder and rename, as a local disk does). There is
+no free space to check (the free-space check is skipped), and setting a checkpoint aside
+copies its objects and deletes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 import shutil
 import weakref
 from collections.abc import Callable
@@ -41,11 +49,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax.runtime import tree_shapes
+from diffusion_jax.runtime import storage, tree_shapes
 from diffusion_jax.training import orbax_workarounds
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPTED_DIR = "corrupted_checkpoints"
+# What Orbax writes last into a step's folder in an object store, to commit it.
+COMMIT_MARKER = "commit_success.txt"
 
 
 class CheckpointSaveError(OSError):
@@ -65,7 +75,7 @@ _SAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_checkpoint_manager(
-    workdir: str | pathlib.Path, *, keep: int, create: bool = True, retries: int = 0
+    workdir: str | os.PathLike, *, keep: int, create: bool = True, retries: int = 0
 ) -> ocp.CheckpointManager:
     """A manager of `workdir/checkpoints` keeping the last `keep` checkpoints.
 
@@ -79,7 +89,7 @@ def make_checkpoint_manager(
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=create
     )
-    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    directory = storage.absolute(workdir) / CHECKPOINT_DIR
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     _SAVES[manager] = _Saves(retries=retries, retries_left=retries)
@@ -141,12 +151,15 @@ def checkpoint_bytes(tree) -> int:
     return data + METADATA_BYTES_PER_ARRAY * len(leaves)
 
 
-def _free_bytes(directory: pathlib.Path) -> int | None:
+def _free_bytes(directory: os.PathLike) -> int | None:
     """Free bytes of the file system of `directory` (process 0's figure, for all processes);
-    None where the file system does not say (it reports a total size of 0)."""
+    None where the file system does not say (it reports a total size of 0, or it is an object
+    store, which has no such figure)."""
+    if storage.is_remote(directory):
+        return None
     free = -1
     if jax.process_index() == 0:
-        existing = pathlib.Path(directory)
+        existing = storage.as_path(directory)
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         usage = shutil.disk_usage(existing)
@@ -280,8 +293,8 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
         corrupted.mkdir(exist_ok=True)
         destination = corrupted / str(step)
         if destination.exists():
-            shutil.rmtree(destination)
-        shutil.move(str(manager.directory / str(step)), str(destination))
+            destination.rmtree()
+        (manager.directory / str(step)).rename(destination)  # objects: copied, then deleted
     multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     manager.reload()
 
@@ -345,9 +358,22 @@ def _set_aside_unreadable(
     _set_aside(manager, step)
 
 
-def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
-    """Steps of the committed checkpoints in a workdir (for tests and tools)."""
-    directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the committed checkpoints in a workdir (for tests and tools): in an object
+    store, only the steps with Orbax's commit marker (see the module docstring)."""
+    directory = storage.as_path(workdir) / CHECKPOINT_DIR
     if not directory.exists():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    return sorted(
+        int(path.name)
+        for path in directory.iterdir()
+        if path.name.isdigit() and _is_committed(path)
+    )
+
+
+def _is_committed(step_directory) -> bool:
+    """A step's folder is final: renamed from its temporary name (so any folder named by a
+    number), except on GCS, where Orbax writes in place and commits with a marker."""
+    if not os.fspath(step_directory).startswith("gs://"):
+        return True
+    return (step_directory / COMMIT_MARKER).exists()

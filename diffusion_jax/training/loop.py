@@ -126,6 +126,7 @@ def save_checkpoint(trainer: Trainer, step: int) -> None:
     state = trainer.strategy.checkpointable(trainer.state)
     data_state = trainer.data_iterator.get_state()
     checkpointing.save(trainer.manager, state, data_state, step=step, force=True)
+    trainer.writer.flush()  # a remote workdir: its metrics uploaded soon, as far as this step
 
 
 class Throughput:

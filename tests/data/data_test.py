@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from diffusion_jax import data
 from diffusion_jax.data import digits, folder, toy2d
+from diffusion_jax.runtime import storage
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -330,7 +331,17 @@ def _write_image(path: pathlib.Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path)
 
 
-def test_folder_reads_png_and_jpeg_recursively_with_subfolder_labels(tmp_path):
+def _copy_to_bucket(local: pathlib.Path, emulator) -> str:
+    """The files under `local` copied into a new bucket of the GCS emulator; its URL."""
+    remote = storage.as_path(emulator.new_bucket()) / "images"
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(remote / path.relative_to(local).as_posix(), path.read_bytes())
+    return str(remote)
+
+
+@pytest.mark.parametrize("location", ["local", "gcs"])
+def test_folder_reads_png_and_jpeg_recursively_with_subfolder_labels(tmp_path, location, request):
     rng = np.random.default_rng(0)
     png = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     _write_image(tmp_path / "cat" / "a.png", png)
@@ -339,9 +350,10 @@ def test_folder_reads_png_and_jpeg_recursively_with_subfolder_labels(tmp_path):
     _write_image(tmp_path / "dog" / "c.jpg", np.ascontiguousarray(smooth))
     _write_image(tmp_path / "dog" / "wide.jpeg", np.full((24, 40, 3), 200, np.uint8))
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    config = _config(
-        name="folder", folder_path=str(tmp_path), image_size=16, num_channels=3, num_classes=2
-    )
+    root = str(tmp_path)
+    if location == "gcs":  # the same folder in a bucket: one listing, each image read whole
+        root = _copy_to_bucket(tmp_path, request.getfixturevalue("gcs_emulator"))
+    config = _config(name="folder", folder_path=root, image_size=16, num_channels=3, num_classes=2)
     assert data.dataset_info(config) == data.DatasetInfo((16, 16, 3), 2, 4)
     iterator = data.make_dataset(
         config, split="train", seed=0, global_batch_size=4, shuffle=False, num_epochs=1

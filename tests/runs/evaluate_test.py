@@ -62,7 +62,7 @@ def test_sampler_grid_and_params_name():
         ("eval.metrics", ("fid",), "eval.metrics"),
         ("eval.likelihoods", ("elbo",), "eval.likelihoods"),
         ("eval.extractor", "clip", "eval.extractor"),
-        ("eval.sampler", "heun", "sampling.sampler"),
+        ("eval.sampler", "no_such_sampler", "sampling.sampler"),
         ("eval.num_bins", 1, "eval.num_bins"),
         ("eval.ode_divergence", "trace", "eval.ode_divergence"),
     ],

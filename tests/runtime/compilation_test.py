@@ -79,6 +79,8 @@ def test_persistent_cache_goes_under_the_workdir_unless_jax_has_one(tmp_path):
         )
         jax.config.update("jax_compilation_cache_dir", None)
         assert compilation.use_persistent_cache("gs://bucket/cache", "/w") == "gs://bucket/cache"
+        jax.config.update("jax_compilation_cache_dir", None)  # a bucket workdir keeps it there
+        assert compilation.use_persistent_cache("cache", "gs://b/run") == "gs://b/run/cache"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 

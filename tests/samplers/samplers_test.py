@@ -73,8 +73,22 @@ DISTRIBUTION_CASES = [
     ("ode", VP_CONTINUOUS, "eps", {"denoise_final": True}, 0.0),
     ("flow_euler", FLOW, "velocity", {}, 0.0),
     ("flow_heun", FLOW, "x0", {}, 0.0),
+    ("euler_ancestral", PROCESS, "eps", {}, 0.0),
+    ("euler_ancestral", PROCESS, "v", {"eta": 0.5, "sigmas": "karras"}, 0.0),
+    ("dpm2_ancestral", PROCESS, "eps", {"spacing": "trailing"}, 0.0),
+    ("dpm_solver++_sde", PROCESS, "eps", {}, 0.0),
+    ("dpm_solver++_sde", PROCESS, "x0", {"order": 3, "sigmas": "exponential"}, 0.0),
+    ("dpm_solver++_2s_sde", PROCESS, "eps", {"sigmas": "karras"}, 0.0),
+    ("unipc", PROCESS, "eps", {"sigmas": "exponential", "variant": "bh1", "order": 3}, 0.0),
+    ("deis", VP_CONTINUOUS, "eps", {"order": 3, "final_sigma": "zero"}, 0.0),
+    ("pndm", PROCESS, "eps", {"skip_prk_steps": True, "steps_offset": 1}, 0.0),
+    ("lms", VP_CONTINUOUS, "v", {"sigmas": "karras"}, 0.0),
+    ("heun", PROCESS, "eps", {"spacing": "leading", "steps_offset": 1}, 0.0),
 ]
-NUM_STEPS = {"ddpm": 250, "ddim": 100, "euler_maruyama": 500, "pc": 300, "edm_euler": 200}
+NUM_STEPS = {
+    "ddpm": 250, "ddim": 100, "euler_maruyama": 500, "pc": 300, "edm_euler": 200,
+    "euler_ancestral": 200, "dpm2_ancestral": 100, "dpm_solver++_sde": 100,
+}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -181,6 +195,76 @@ def test_same_key_same_samples_and_one_compilation(name):
     assert int(info["nfe"]) >= 1
 
 
+def _equation_count(jaxpr) -> int:
+    """Equations of a jaxpr and of every jaxpr nested in it (loop bodies, branches)."""
+    count = 0
+    for equation in jaxpr.eqns:
+        count += 1
+        for value in equation.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _equation_count(inner)
+    return count
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_sampling_program_does_not_grow_with_the_number_of_steps(name):
+    """One loop body whatever num_steps: the traced program (all nested jaxprs) has the same
+    number of equations at 10 and 50 steps, so compile time does not grow with the steps."""
+    schedule = FLOW if name.startswith("flow") else PROCESS
+    prediction = "velocity" if name.startswith("flow") else "eps"
+    model_fn = model_for(prediction, FLOW if schedule is FLOW else None)
+    noise = jnp.zeros((4, 2))
+    counts = []
+    for num_steps in (10, 50):
+        sample = samplers.make_sampler(
+            name, schedule=schedule, num_steps=num_steps, prediction=prediction
+        )
+        closed = jax.make_jaxpr(sample, static_argnums=0)(model_fn, noise, jax.random.key(0))
+        counts.append(_equation_count(closed.jaxpr))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("unipc", {"sigmas": "karras"}), ("deis", {"sigmas": "exponential"}),
+        ("euler", {"sigmas": "beta"}), ("dpm_solver++_sde", {"time_spacing": "time_uniform"}),
+        ("lms", {}), ("dpm2", {"sigmas": "karras", "rho": 3.0}),
+    ],
+)  # fmt: skip
+def test_grid_samplers_on_a_continuous_schedule_reach_the_data(name, options):
+    """Every sigma spacing applies to a continuous schedule too (its sigma range)."""
+    sample = samplers.make_sampler(name, schedule=VP_CONTINUOUS, num_steps=60, **options)
+    x, _ = run(sample, model_for("eps", VP_CONTINUOUS), num=1000)
+    mixture_mean = MIXTURE.weights @ MIXTURE.means
+    np.testing.assert_allclose(jnp.mean(x, axis=0), mixture_mean, atol=0.08)
+    components = gaussian_mixture.component_statistics(MIXTURE, x)[0]
+    np.testing.assert_allclose(components, MIXTURE.weights, atol=0.06)
+
+
+def test_sigma_grids_of_each_spacing():
+    """Karras (Eq. 5 of Karras et al. 2022), exponential and Beta levels over the training
+    range; diffusers' leading / trailing timesteps with steps_offset."""
+    grid = samplers.sigma_grid.make_sigma_grid
+    sigmas = {s: np.asarray(grid(PROCESS, 8, sigmas=s).sigmas) for s in ("karras", "exponential")}
+    train = np.sqrt((1 - np.asarray(PROCESS.alphas_cumprod)) / np.asarray(PROCESS.alphas_cumprod))
+    for levels in sigmas.values():
+        np.testing.assert_allclose(levels[[0, -2, -1]], [train[-1], train[0], 0.0], rtol=1e-4)
+    np.testing.assert_allclose(np.diff(np.log(sigmas["exponential"][:-1])), np.log(
+        train[0] / train[-1]) / 7, rtol=1e-4)  # fmt: skip
+    ramp = sigmas["karras"][:-1] ** (1 / 7)
+    np.testing.assert_allclose(np.diff(ramp), np.diff(ramp)[0], rtol=1e-3)
+    beta = np.asarray(grid(PROCESS, 9, sigmas="beta").sigmas)
+    middle = train[0] + 0.5 * (train[-1] - train[0])  # Beta(0.6, 0.6) is symmetric
+    np.testing.assert_allclose(beta[4], middle, rtol=1e-4)
+    leading = grid(PROCESS, 10, spacing="leading", steps_offset=1).model_times
+    np.testing.assert_array_equal(leading[:-1], np.arange(901, 0, -100))
+    trailing = grid(PROCESS, 10, spacing="trailing").model_times
+    np.testing.assert_array_equal(trailing[:-1], np.arange(999, 0, -100))
+
+
 def test_nfe_counts():
     def nfe(name, num_steps, **options):
         sample = samplers.make_sampler(name, schedule=PROCESS, num_steps=num_steps, **options)
@@ -190,6 +274,11 @@ def test_nfe_counts():
     assert nfe("dpm_solver", 7, order=2) == 7
     assert nfe("edm_heun", 18) == 35  # EDM's CIFAR-10 setting: 18 steps, 35 NFE
     assert nfe("pc", 10, corrector_steps=2) == 30
+    assert nfe("heun", 10) == 19 and nfe("dpm2", 10) == 19 and nfe("dpm2_ancestral", 10) == 19
+    assert nfe("dpm_solver++_2s_sde", 10) == 19 and nfe("heun", 10, final_sigma="sigma_min") == 20
+    assert nfe("pndm", 10) == 19 and nfe("pndm", 10, skip_prk_steps=True) == 11
+    for name in ("euler", "euler_ancestral", "lms", "unipc", "deis", "dpm_solver++_sde"):
+        assert nfe(name, 10) == 10
 
 
 @pytest.mark.parametrize("num_steps, step_to_kinks", [(50, False), (50, True), (4, True)])
@@ -258,6 +347,17 @@ def test_guidance_without_a_condition_is_refused():
         ("ddim", {"order": 2}, "allowed"),
         ("ode", {"solver": "rk4"}, "solver"),
         ("ddim", {"num_steps": 2.0}, "num_steps"),
+        ("unipc", {"variant": "bh3"}, "variant"),
+        ("unipc", {"order": 4}, "order"),
+        ("euler", {"sigmas": "cosine"}, "sigmas"),
+        ("lms", {"spacing": "uniform"}, "spacing"),
+        ("deis", {"final_sigma": "one"}, "final_sigma"),
+        ("dpm_solver++_sde", {"second_difference": "exact"}, "second_difference"),
+        ("pndm", {"sigmas": "karras"}, "allowed"),
+        ("pndm", {"num_steps": 3}, "num_steps"),
+        ("euler_ancestral", {"eta": -1.0}, "eta"),
+        ("dpm_solver", {"sigmas": "karras"}, "multistep"),
+        ("edm_heun", {"sigmas": "karras", "sigma_min": 0.1}, "sigma_min"),
     ],
 )
 def test_bad_input_raises_value_error(name, options, message):
@@ -281,6 +381,8 @@ def test_impossible_combinations_name_what_is_allowed():
     with pytest.raises(ValueError, match="'eps'"):
         samplers.make_sampler("ddim", schedule=zero_snr, num_steps=10, prediction="eps")
     samplers.make_sampler("ddim", schedule=zero_snr, num_steps=10, prediction="v")
+    with pytest.raises(ValueError, match="zero terminal SNR.*ddim"):
+        samplers.make_sampler("unipc", schedule=zero_snr, num_steps=10, prediction="v")
 
 
 def test_discrete_schedule_matches_the_process_at_its_steps():
