@@ -31,7 +31,7 @@ from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL
 from diffusion_jax.models.autoencoders import init_params as init_autoencoder_params
 from diffusion_jax.models.autoencoders.discriminator import PatchDiscriminator
 from diffusion_jax.models.layers import COMPUTE_DTYPES
-from diffusion_jax.runs import restore, validate
+from diffusion_jax.runs import build, restore, validate
 from diffusion_jax.runs import train as train_run
 from diffusion_jax.runtime import compilation, images, metrics_writer, parallel
 from diffusion_jax.training import loop, optimizer, preemption, train_step
@@ -213,14 +213,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps=config.training.num_steps)
     init_rng, train_rng = jax.random.split(jax.random.key(config.training.seed))
     create_fn = make_create_fn(config, networks, tx)
-    iterator = data.make_dataset(
-        config.data,
-        split=config.data.train_split,
-        seed=config.training.seed,
-        global_batch_size=config.training.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    iterator = build.make_train_iterator(config)
     manager = restore.checkpoint_manager(config, workdir)
     state = restore.restore_or_init(strategy, manager, create_fn, init_rng, iterator)
     loss_fn = autoencoder_loss.make_autoencoder_loss_fn(

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import models
+from diffusion_jax import data, models
 from diffusion_jax.diffusion import likelihood, losses, timestep_sampling
 from diffusion_jax.diffusion import process as process_lib
 from diffusion_jax.training import train_state as train_state_lib
+
+
+def make_train_iterator(config: ml_collections.ConfigDict):
+    """This process's share of `data.train_split` in global batches of `training.batch_size`,
+    shuffled by `training.seed`, from its first batch."""
+    return data.make_dataset(
+        config.data,
+        split=config.data.train_split,
+        seed=config.training.seed,
+        global_batch_size=config.training.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def make_process(diffusion: ml_collections.ConfigDict) -> process_lib.DiffusionProcess:

@@ -28,9 +28,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion_jax import data
 from diffusion_jax.convert import diffusers_vae
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from diffusion_jax.runs import build
 
 # the stream of the posterior samples, apart from the diffusion loss's (fold_in(rng, step))
 POSTERIOR_STREAM = 0x1A7E
@@ -122,14 +122,7 @@ def check_model_fits(config: ml_collections.ConfigDict, ae_config: AutoencoderCo
 def first_batch_scale(config, ae_config: AutoencoderConfig, params, rng) -> float:
     """1 / std of the latents of the first training batch (a fresh iterator: the run's own
     keeps its position)."""
-    iterator = data.make_dataset(
-        config.data,
-        split=config.data.train_split,
-        seed=config.training.seed,
-        global_batch_size=config.training.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    iterator = build.make_train_iterator(config)
     batch = next(iter(iterator))
     iterator.close()
     unscaled = LatentSpace(ae_config, params, 1.0, config.latent.sample_posterior)

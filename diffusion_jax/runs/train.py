@@ -143,14 +143,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     model, tx, lr_schedule = restore.build_model_and_optimizer(config)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.training.seed), 3)
     create_fn = build.make_create_fn(config, model, tx)
-    iterator = data.make_dataset(
-        config.data,
-        split=config.data.train_split,
-        seed=config.training.seed,
-        global_batch_size=config.training.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    iterator = build.make_train_iterator(config)
     manager = restore.checkpoint_manager(config, workdir)
     fresh = manager.latest_step() is None
     state = restore.restore_or_init(strategy, manager, create_fn, init_rng, iterator)
