@@ -1,28 +1,32 @@
 """Reading one component folder of a diffusers (or transformers) model: its config.json
 and its safetensors weights, as NumPy arrays, without PyTorch.
 
-    config, state_dict = read_component(Path("stable-diffusion-v1-5/vae"))
+    config, state_dict = read_component("stable-diffusion-v1-5/vae")  # or gs://bucket/...
 
 A component folder holds `config.json` and `<stem>.safetensors` (diffusers' stem is
 `diffusion_pytorch_model`, transformers' `model`), or shards listed in
 `<stem>.safetensors.index.json`; `variant="fp16"` reads `<stem>.fp16.safetensors`. Pickled
 `.bin` weights are never loaded (unpickling runs code a file may carry): the error says how
-to save them as safetensors.
+to save them as safetensors. A folder may be local or a URL (`gs://`, through
+`runtime.storage`); remote weights are read whole into memory.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
-from safetensors.numpy import load_file
+from etils import epath
+from safetensors.numpy import load, load_file
+
+from diffusion_jax.runtime import storage
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 
-def read_config(folder: pathlib.Path) -> dict:
+def read_config(folder: epath.Path) -> dict:
     """The folder's config.json, with a clear error when it is absent or not JSON."""
     path = folder / "config.json"
     if not path.is_file():
@@ -38,8 +42,8 @@ def _suffix(variant: str | None) -> str:
 
 
 def weight_files(
-    folder: pathlib.Path, *, variant: str | None = None, stems: Sequence[str] = WEIGHT_STEMS
-) -> list[pathlib.Path]:
+    folder: epath.Path, *, variant: str | None = None, stems: Sequence[str] = WEIGHT_STEMS
+) -> list[epath.Path]:
     """The safetensors file(s) holding the folder's weights (one file, or the shards of an
     index), or a FileNotFoundError that names what was looked for and what is there."""
     suffix = _suffix(variant)
@@ -64,19 +68,22 @@ def weight_files(
                             f"{present}")  # fmt: skip
 
 
-def read_weights(folder: pathlib.Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
+def read_weights(folder: epath.Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
     """Every tensor of the folder's safetensors file(s), by its PyTorch name."""
     state_dict = {}
     for path in weight_files(folder, variant=variant):
         if not path.is_file():
             raise FileNotFoundError(f"{path}, a shard listed in the folder's index, is missing")
-        state_dict.update(load_file(str(path)))
+        if storage.is_remote(path):
+            state_dict.update(load(path.read_bytes()))
+        else:
+            state_dict.update(load_file(os.fspath(path)))
     return state_dict
 
 
 def read_component(
-    folder: str | pathlib.Path, *, variant: str | None = None
+    folder: storage.PathLike, *, variant: str | None = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json as a dict, the state dict as NumPy arrays) of a component folder."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     return read_config(folder), read_weights(folder, variant=variant)

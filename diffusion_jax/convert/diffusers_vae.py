@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion_jax import models
 from diffusion_jax.convert import diffusers_folder, torch_layout
 from diffusion_jax.models import autoencoders
 from diffusion_jax.models.autoencoders import AutoencoderConfig
+from diffusion_jax.runtime import storage
 
 CONVERTED_CONFIG = "autoencoder_config.json"
 CONVERTED_PARAMS = "params"
@@ -52,10 +53,10 @@ def autoencoder_params_from_diffusers(
 
 
 def load_diffusers_autoencoder(
-    folder: str | pathlib.Path, *, variant: str | None = None
+    folder: storage.PathLike, *, variant: str | None = None
 ) -> tuple[AutoencoderConfig, dict]:
     """(config, params) of a diffusers `AutoencoderKL` folder (config.json + safetensors)."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     raw_config, state_dict = diffusers_folder.read_component(folder, variant=variant)
     config = AutoencoderConfig.from_diffusers(raw_config, source=str(folder / "config.json"))
     weights = diffusers_folder.weight_files(folder, variant=variant)
@@ -63,21 +64,20 @@ def load_diffusers_autoencoder(
     return config, autoencoder_params_from_diffusers(state_dict, config, source=source)
 
 
-def save_converted(out: str | pathlib.Path, config: AutoencoderConfig, params) -> pathlib.Path:
+def save_converted(out: storage.PathLike, config: AutoencoderConfig, params) -> epath.Path:
     """Writes `out/autoencoder_config.json` and the Orbax checkpoint `out/params`."""
-    out = pathlib.Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONVERTED_CONFIG).write_text(json.dumps(config.to_diffusers(), indent=2) + "\n")
+    out = storage.absolute(out)
+    storage.write_text(out / CONVERTED_CONFIG, json.dumps(config.to_diffusers(), indent=2) + "\n")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / CONVERTED_PARAMS, params, force=True)
     return out
 
 
 def load_autoencoder(
-    path: str | pathlib.Path, *, variant: str | None = None
+    path: storage.PathLike, *, variant: str | None = None
 ) -> tuple[AutoencoderConfig, dict]:
     """(config, params) of a converted folder (`save_converted`) or a diffusers folder."""
-    path = pathlib.Path(path).absolute()
+    path = storage.absolute(path)
     if not (path / CONVERTED_CONFIG).is_file():
         return load_diffusers_autoencoder(path, variant=variant)
     raw = json.loads((path / CONVERTED_CONFIG).read_text())
@@ -87,7 +87,7 @@ def load_autoencoder(
     return config, params
 
 
-def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+def main(argv: Sequence[str] | None = None) -> epath.Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
     parser.add_argument("--out", required=True, help="folder for the converted checkpoint")

@@ -15,13 +15,14 @@ for `latent.autoencoder` of a latent diffusion run (configs/ldm_digits.py). --mo
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from diffusion_jax import data
 from diffusion_jax.convert import diffusers_vae
@@ -33,7 +34,7 @@ from diffusion_jax.models.autoencoders.discriminator import PatchDiscriminator
 from diffusion_jax.models.layers import COMPUTE_DTYPES
 from diffusion_jax.runs import build, restore, validate
 from diffusion_jax.runs import train as train_run
-from diffusion_jax.runtime import compilation, images, metrics_writer, parallel
+from diffusion_jax.runtime import compilation, images, metrics_writer, parallel, storage
 from diffusion_jax.training import loop, optimizer, preemption, train_step
 from diffusion_jax.training import train_state as train_state_lib
 from diffusion_jax.training.train_state import TrainState
@@ -146,7 +147,7 @@ def reconstruction_grid(inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     return images.image_grid(np.concatenate(padded), columns=columns, scale=scale)
 
 
-def make_reconstruction_hook(config, networks, strategy, writer, workdir: pathlib.Path):
+def make_reconstruction_hook(config, networks, strategy, writer, workdir: epath.Path):
     """`hook(state, step, final=False) -> path` writing reconstruction grids."""
     reconstruct = jax.jit(make_reconstruct_fn(networks))
     inputs = test_images(config, config.sampling.num_images)
@@ -159,9 +160,7 @@ def make_reconstruction_hook(config, networks, strategy, writer, workdir: pathli
         if jax.process_index() != 0:
             return None
         grid = reconstruction_grid(inputs, np.clip(outputs, -1, 1))
-        directory = workdir / "samples"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"step_{step:07d}.png"
+        path = workdir / "samples" / f"step_{step:07d}.png"
         images.write_png(path, grid)
         if final:
             path = workdir / "samples.png"
@@ -204,9 +203,9 @@ def make_psnr_hook(config, networks, strategy, writer):
     return evaluate_psnr
 
 
-def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> loop.Trainer:
+def setup_trainer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> loop.Trainer:
     """The autoencoder's networks, optimizer, data, checkpoints, state and hooks."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(config.training.batch_size, strategy.num_devices)
     networks = build_networks(config)
@@ -248,7 +247,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     )
 
 
-def export_autoencoder(config, trainer: loop.Trainer, out: pathlib.Path) -> None:
+def export_autoencoder(config, trainer: loop.Trainer, out: epath.Path) -> None:
     """The trained autoencoder (parameters of `sampling.ema_index`) as a converted folder,
     the form `latent.autoencoder` and `convert.diffusers_vae.load_autoencoder` read."""
     params = restore.inference_params(trainer.state, config, trainer.strategy)["autoencoder"]
@@ -273,8 +272,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     try:
         if loop.train_loop(trainer):
             grid = trainer.on_sample(trainer.state, trainer.host_step, final=True)
-            export_autoencoder(config, trainer, pathlib.Path(workdir) / EXPORT_DIR)
+            export_autoencoder(config, trainer, storage.as_path(workdir) / EXPORT_DIR)
     finally:
         trainer.close()
-    train_run.write_summary(trainer, pathlib.Path(workdir), grid, eval_name="PSNR (dB)")
+    train_run.write_summary(trainer, workdir, grid, eval_name="PSNR (dB)")
     return trainer.state

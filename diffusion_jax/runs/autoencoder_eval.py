@@ -13,18 +13,18 @@ digits classifier for digits, "fd_digits"; the FID Inception otherwise: rFID).
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from diffusion_jax import data
 from diffusion_jax.evaluation import metrics, reconstruction
 from diffusion_jax.runs import autoencoder, restore, validate
 from diffusion_jax.runs import evaluate as diffusion_eval
-from diffusion_jax.runtime import console, images, parallel
+from diffusion_jax.runtime import console, images, parallel, storage
 from diffusion_jax.training import optimizer
 
 
@@ -38,14 +38,13 @@ def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str):
     return networks, restore.inference_params(state, config), step
 
 
-def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
     """The grid of `sampling.num_images` test images above their reconstructions."""
     networks, params, step = restore_autoencoder(config, workdir)
     inputs = autoencoder.test_images(config, config.sampling.num_images)
     outputs = np.asarray(jax.jit(autoencoder.make_reconstruct_fn(networks))(params, inputs))
-    path = pathlib.Path(workdir) / "reconstructions" / f"step_{step:07d}.png"
+    path = storage.as_path(workdir) / "reconstructions" / f"step_{step:07d}.png"
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
         images.write_png(path, autoencoder.reconstruction_grid(inputs, np.clip(outputs, -1, 1)))
         console.print_summary(f"reconstructions of the checkpoint of step {step}", [("grid", path)])
     return path
@@ -106,10 +105,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         extractor.frechet_name: float(frechet),
         "extractor": {"name": extractor.name, "feature_dim": extractor.feature_dim},
     }
-    path = pathlib.Path(workdir) / diffusion_eval.EVAL_DIR / f"step_{step}_reconstruction.json"
+    path = storage.as_path(workdir) / diffusion_eval.EVAL_DIR / f"step_{step}_reconstruction.json"
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        storage.write_text(path, json.dumps(report, indent=2) + "\n")
         console.print_summary(
             f"reconstruction of {len(inputs)} {config.data.eval_split} images at step {step}",
             [

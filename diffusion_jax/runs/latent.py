@@ -16,7 +16,6 @@ inside the compiled train step; its parameters are constants of it (never traine
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_jax.convert import diffusers_vae
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from diffusion_jax.runs import build
+from diffusion_jax.runtime import storage
 
 # the stream of the posterior samples, apart from the diffusion loss's (fold_in(rng, step))
 POSTERIOR_STREAM = 0x1A7E
@@ -71,7 +71,7 @@ class LatentSpace:
 
 def load_autoencoder(config: ml_collections.ConfigDict) -> tuple[AutoencoderConfig, Any]:
     """The autoencoder of `latent.autoencoder`, checked against the data and the model."""
-    path = pathlib.Path(config.latent.autoencoder)
+    path = storage.as_path(config.latent.autoencoder)
     if not path.is_dir():
         raise FileNotFoundError(
             f"latent.autoencoder={config.latent.autoencoder!r} is not a folder; allowed: an "

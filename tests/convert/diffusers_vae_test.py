@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from diffusion_jax.convert import diffusers_vae, torch_layout
 from diffusion_jax.models import autoencoders
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from diffusion_jax.runtime import storage
 
 # SD's architecture (4 levels, 2 ResNet blocks, GroupNorm 32) at small widths, and the
 # 16-channel latent space of SD3 / Flux (no quantisation convolutions)
@@ -178,3 +179,25 @@ def test_tiled_and_sliced_coding_equal_diffusers_tiling_and_slicing():
     assert moments.shape == moments_theirs.shape == (2, 8, 11, 8)
     for ours, theirs in [(moments, moments_theirs), (ours_decoded, decoded)]:
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * max(1, np.abs(theirs).max()))
+
+
+def test_a_diffusers_folder_and_a_converted_one_load_from_a_bucket(small_folder, gcs_emulator):
+    """A VAE folder in a bucket (gs://, the GCS emulator) loads the weights written there,
+    read whole without a local copy; so does a converted Orbax folder saved to the bucket."""
+    local, config, state_dict = small_folder
+    _write_folder(local, config, state_dict)
+    bucket = storage.as_path(gcs_emulator.new_bucket())
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (bucket / "vae" / name).write_bytes((local / name).read_bytes())
+    loaded_config, params = diffusers_vae.load_autoencoder(f"{bucket}/vae")
+    assert loaded_config.to_diffusers() == config
+    loaded = torch_layout.state_dict_from_params(params)
+    assert loaded.keys() == state_dict.keys()
+    for name, value in state_dict.items():
+        np.testing.assert_array_equal(loaded[name], value)
+
+    out = diffusers_vae.save_converted(f"{bucket}/converted", loaded_config, params)
+    assert str(out) == f"{bucket}/converted"
+    _, converted = diffusers_vae.load_autoencoder(out)
+    for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

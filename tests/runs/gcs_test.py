@@ -10,10 +10,12 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from diffusion_jax.runs import evaluate, restore, sample
+from diffusion_jax.convert import diffusers_vae
+from diffusion_jax.runs import autoencoder, autoencoder_eval, evaluate, restore, sample, train
 from diffusion_jax.runtime import storage
 from diffusion_jax.training import checkpointing
 from tests.runs import main_test
@@ -70,8 +72,6 @@ def _losses(path) -> dict[int, float]:
 
 
 def _assert_same_state(state_a, state_b) -> None:
-    import jax
-
     for name in ("params", "ema_params", "opt_state"):
         leaves_a = jax.tree.leaves(getattr(state_a, name))
         leaves_b = jax.tree.leaves(getattr(state_b, name))
@@ -137,3 +137,26 @@ def test_a_missing_bucket_is_named_before_any_compute(gcs_emulator):
     )
     assert "Traceback" not in completed.stderr
     assert "Restored" not in completed.stderr and "training" not in completed.stdout
+
+
+@pytest.mark.slow
+def test_an_autoencoder_run_and_a_latent_run_in_a_bucket(gcs_emulator):
+    """The autoencoder run writes its checkpoints, grids, summary and export to gs://; the
+    latent run reads that export as `latent.autoencoder` and samples decoded images there."""
+    from tests.runs import autoencoder_test
+
+    bucket = storage.as_path(gcs_emulator.new_bucket())
+    trained = autoencoder.train(autoencoder_test._ae_config(3), str(bucket / "ae"))
+    assert (bucket / "ae" / "samples.png").exists() and (bucket / "ae" / "summary.json").exists()
+    export = bucket / "ae" / autoencoder.EXPORT_DIR
+    _, params = diffusers_vae.load_autoencoder(export)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params["autoencoder"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert autoencoder_eval.reconstruct(autoencoder_test._ae_config(3), str(bucket / "ae")).exists()
+
+    config = autoencoder_test._ldm_config(str(export), 2)
+    train.train_and_evaluate(config, str(bucket / "ldm"))
+    picture = sample.sample(config, str(bucket / "ldm"))
+    with storage.load_npz(picture.with_suffix(".npz")) as saved:
+        assert saved["samples"].shape == (8, 32, 32, 1)
