@@ -7,12 +7,14 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.text.clip import CLIPTextModel, CLIPTextOutput, eos_positions
 from diffusion_jax.models.text.clip_config import PRESETS, CLIPTextConfig
+from diffusion_jax.models.text.tokenizer import CLIPTokenizer
 
 __all__ = [
     "PRESETS",
     "CLIPTextConfig",
     "CLIPTextModel",
     "CLIPTextOutput",
+    "CLIPTokenizer",
     "eos_positions",
     "init_params",
     "param_shapes",
