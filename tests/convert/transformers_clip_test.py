@@ -8,6 +8,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors.numpy import save_file
 
 from diffusion_jax.convert import torch_layout, transformers_clip
@@ -152,3 +153,26 @@ def test_pickled_weights_are_refused_with_the_way_to_convert(small_folder):
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not read")
     with pytest.raises(FileNotFoundError, match="only pickled weights.*safe_serialization=True"):
         transformers_clip.load_text_encoder(folder)
+
+
+@pytest.mark.parametrize("preset", ["sd1", "sd2"])
+def test_the_presets_have_transformers_names_and_shapes_at_full_size(preset):
+    """SD's full-size text encoders, built by transformers on the meta device (no memory):
+    every weight has our name and shape (PyTorch layout), and no other weight exists."""
+    pytest.importorskip("transformers", reason="parity with transformers needs [torch]")
+    import torch
+    import transformers
+
+    config = text.PRESETS[preset]
+    raw = config.to_transformers()
+    del raw["architectures"], raw["model_type"]
+    with torch.device("meta"):
+        theirs = transformers.CLIPTextModel(transformers.CLIPTextConfig(**raw))
+    theirs_shapes = transformers_clip.canonical_state_dict(
+        {name: tuple(value.shape) for name, value in theirs.state_dict().items()}
+    )
+    ours_shapes = {
+        torch_layout.torch_name(path): torch_layout._torch_shape(path[-1], leaf.shape)
+        for path, leaf in traverse_util.flatten_dict(text.param_shapes(config)).items()
+    }
+    assert ours_shapes == theirs_shapes

@@ -13,7 +13,11 @@ last symbol marked with the end-of-word suffix "</w>". Every sequence is <|start
 (49406 in CLIP's vocabulary) + tokens + <|endoftext|> (49407), padded to 77 with the pad
 token: <|endoftext|> for openai/clip-vit-large-patch14 (SD 1.x), "!" (id 0) for OpenCLIP's
 (SD 2.x, SDXL's tokenizer_2). Longer prompts keep their first 75 tokens, with a warning.
-Like transformers' fast tokenizer, and unlike OpenAI's own, no ftfy or HTML unescaping.
+
+The ids are those of transformers' fast tokenizer (4.x's CLIPTokenizerFast, 5.x's only
+CLIPTokenizer). transformers 4's slow Python CLIPTokenizer differs on some text: with ftfy
+installed it unescapes HTML ("&amp;" is "&") and fixes text as OpenAI's tokenizer does
+("ﬁ" is "fi"); without ftfy it splits CJK characters apart ("東京" is two pieces, here one).
 """
 
 from __future__ import annotations

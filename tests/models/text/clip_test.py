@@ -119,3 +119,11 @@ def test_more_tokens_than_positions_are_refused(params):
     ids = np.zeros((1, 17), np.int32)
     with pytest.raises(ValueError, match="17 tokens; the model has max_position_embeddings=16"):
         CLIPTextModel(CONFIG).apply({"params": params}, ids)
+
+
+def test_the_sd1_preset_has_clip_l_text_towers_123m_parameters():
+    """123,060,480: transformers' count for openai/clip-vit-large-patch14's text model
+    (tests/convert/transformers_clip_test.py checks every shape against transformers)."""
+    from diffusion_jax.models import count_params
+
+    assert count_params(text.param_shapes(text.PRESETS["sd1"])) == 123_060_480
