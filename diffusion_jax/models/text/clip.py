@@ -50,15 +50,21 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, appro
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """[B] positions of the end-of-text token in input_ids [B, T], by transformers' rule:
     the argmax of the ids for legacy configs (eos_token_id 2: the eos id 49407 is the
-    largest), else the first position holding ``eos_token_id`` (pads may equal it)."""
+    largest, so tokens added after it, e.g. by Textual Inversion, would be taken), else the
+    first position holding ``eos_token_id`` (pads may equal it)."""
     if eos_token_id == LEGACY_EOS_TOKEN_ID:
         return jnp.argmax(input_ids, axis=-1)
     return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 def _layer_norm(config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
-    # the two-pass variance of PyTorch: CLIP's residual stream has large means
+    # PyTorch's two-pass variance: E[x^2] - E[x]^2 loses digits where the states' mean is large
     return nn.LayerNorm(config.layer_norm_eps, dtype, use_fast_variance=False, name=name)
+
+
+def _embed(count: int, config: CLIPTextConfig, dtype: Dtype, name: str) -> nn.Embed:
+    init = nn.initializers.normal(0.02)  # transformers' initializer_range
+    return nn.Embed(count, config.hidden_size, dtype, embedding_init=init, name=name)
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -75,12 +81,10 @@ class CLIPTextEmbeddings(nn.Module):
                 f"input_ids of {length} tokens; the model has max_position_embeddings="
                 f"{config.max_position_embeddings}"
             )
-        init = nn.initializers.normal(0.02)
-        embed = lambda n, name: nn.Embed(n, config.hidden_size, self.dtype, embedding_init=init,
-                                         name=name)  # fmt: skip
-        tokens = embed(config.vocab_size, "token_embedding")(input_ids)  # [B, T, C]
-        positions = embed(config.max_position_embeddings, "position_embedding").embedding
-        return tokens + positions[:length].astype(self.dtype)
+        tokens = _embed(config.vocab_size, config, self.dtype, "token_embedding")(input_ids)
+        positions = _embed(config.max_position_embeddings, config, self.dtype,
+                           "position_embedding").embedding  # fmt: skip
+        return tokens + positions[:length].astype(self.dtype)  # [B, T, C]
 
 
 class CLIPAttention(nn.Module):

@@ -92,7 +92,10 @@ def _read_special_tokens(folder: pathlib.Path) -> dict:
 
 class CLIPTokenizer:
     """Prompts to CLIP token ids (module docstring): ``tokenizer(prompts)`` is [N, max_length]
-    int32, bos + tokens + eos + pads, truncated to max_length with a warning."""
+    int32, bos + tokens + eos + pads, truncated to max_length with a warning.
+
+    `tokenizer` (a `build_tokenizer` or a tokenizer.json one) gets its special tokens and
+    post-processor set here, in place; its own padding and truncation are turned off."""
 
     def __init__(
         self,
