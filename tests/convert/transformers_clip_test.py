@@ -73,9 +73,8 @@ def test_a_transformers_folder_computes_transformers_outputs(name, tmp_path):
     model = CLIPTextModel(config)
     ours = model.apply({"params": params}, ids)
     skip = model.apply({"params": params}, ids, clip_skip=1, method=model.hidden_layer)
-    final_norm = (
-        theirs_model.text_model if config.with_projection else theirs_model
-    ).final_layer_norm
+    # transformers 4's CLIPTextModel wraps its layers in .text_model, as 5's WithProjection does
+    final_norm = getattr(theirs_model, "text_model", theirs_model).final_layer_norm
     with torch.no_grad():
         theirs_skip = final_norm(theirs.hidden_states[-2])
     pairs = [(ours.last_hidden_state, theirs.last_hidden_state), (skip, theirs_skip)]
