@@ -77,10 +77,16 @@ def make_ddpm_sampler(
     return sample
 
 
-def _ddim_coefficients(process: DiffusionProcess, steps: np.ndarray) -> dict[str, jnp.ndarray]:
-    """alpha, sigma at the chosen steps and at the step before each (1, 0 before the first)."""
-    alphas_cumprod = np.asarray(process.alphas_cumprod, np.float64)[steps]
-    previous = np.concatenate([[1.0], alphas_cumprod[:-1]])
+def _ddim_coefficients(
+    process: DiffusionProcess, steps: np.ndarray, *, set_alpha_to_one: bool = True
+) -> dict[str, jnp.ndarray]:
+    """alpha, sigma at the chosen steps and at the step before each; before the first, alpha
+    = 1 (the data), or the process's first alpha_bar without `set_alpha_to_one` (diffusers'
+    `final_alpha_cumprod`, as Stable Diffusion's scheduler configs set it)."""
+    table = np.asarray(process.alphas_cumprod, np.float64)
+    alphas_cumprod = table[steps]
+    final = 1.0 if set_alpha_to_one else table[0]
+    previous = np.concatenate([[final], alphas_cumprod[:-1]])
     arrays = {
         "alpha": np.sqrt(alphas_cumprod),
         "sigma": np.sqrt(1.0 - alphas_cumprod),
@@ -105,22 +111,31 @@ def make_ddim_sampler(
     prediction: str = "eps",
     eta: float = 0.0,
     spacing: str = "linspace",
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
     clip_x0: bool = False,
     thresholding: bool = False,
     variance_type: str = "fixed_small",
 ) -> common.SampleFn:
-    """DDIM, Eq. 12 of Song et al. 2021, on num_steps steps chosen by `spacing`.
+    """DDIM, Eq. 12 of Song et al. 2021, on num_steps steps chosen by `spacing`, shifted by
+    `steps_offset` (diffusers' option; Stable Diffusion's configs use 1).
 
     x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - s^2) eps_hat + s z with s = eta sigma_t(1);
-    the last step goes to alpha = 1 and returns x0_hat. eta = 0 is the deterministic sampler
+    the last step goes to alpha = 1 and returns x0_hat (without `set_alpha_to_one`, to the
+    process's first alpha_bar, as diffusers does). eta = 0 is the deterministic sampler
     (Euler's method for the probability-flow ODE in lambda, first order); eta = 1 on all steps
     is DDPM with the fixed-small variance.
     """
     process = _check_process(schedule, "ddim")
     common.check_num_steps(num_steps, minimum=1, name="ddim")
     _check_eta(eta)
-    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing)
-    coefficients = _ddim_coefficients(process, steps)
+    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing) + steps_offset
+    if not (0 <= steps_offset and steps[-1] < process.num_timesteps):
+        raise ValueError(
+            f"ddim: steps_offset={steps_offset} puts the steps {steps[0]}..{steps[-1]} outside "
+            f"the process's 0..{process.num_timesteps - 1}"
+        )
+    coefficients = _ddim_coefficients(process, steps, set_alpha_to_one=set_alpha_to_one)
     model_times = jnp.asarray(np.asarray(process.model_timesteps)[steps], jnp.float32)
     common.check_prediction_at(prediction, float(coefficients["alpha"][-1]), 1.0, name="ddim")
     x0_eps_fn = common.make_x0_eps_fn(

@@ -137,12 +137,12 @@ def _chain_options(name: str, config: dict) -> dict:
     """DDPM / DDIM / PNDM: timestep spacing on the chain; DDIM ends at alpha_bar = 1."""
     options = {"spacing": config.get("timestep_spacing", "leading")}
     offset = int(config.get("steps_offset", 0))
-    if name == "pndm":
+    if name in ("pndm", "ddim"):
         options["steps_offset"] = offset
     elif offset != 0:
         raise _unsupported("steps_offset", offset, [0])
-    if name == "ddim" and not config.get("set_alpha_to_one", True):
-        raise _unsupported("set_alpha_to_one", False, [True])
+    if name == "ddim":
+        options["set_alpha_to_one"] = bool(config.get("set_alpha_to_one", True))
     if name == "ddpm":
         variance = config.get("variance_type") or "fixed_small"
         allowed = ["fixed_small", "fixed_large", "learned", "learned_range"]

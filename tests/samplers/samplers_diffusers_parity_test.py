@@ -302,14 +302,18 @@ def test_pndm_matches_diffusers(x64, num_steps, options, config):
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_matches_diffusers(x64, eta):
+@pytest.mark.parametrize("steps_offset, set_alpha_to_one", [(0, True), (1, False)])
+def test_ddim_matches_diffusers(x64, eta, steps_offset, set_alpha_to_one):
+    """Also with Stable Diffusion's scheduler settings (steps_offset 1, set_alpha_to_one off)."""
     noise, num_steps = x64, 20
-    x = ours("ddim", num_steps, noise, eta=eta, spacing="leading")
+    x = ours("ddim", num_steps, noise, eta=eta, spacing="leading", steps_offset=steps_offset,
+             set_alpha_to_one=set_alpha_to_one)  # fmt: skip
     sched = scheduler(
-        "DDIMScheduler", timestep_spacing="leading", clip_sample=False, set_alpha_to_one=True
-    )
+        "DDIMScheduler", timestep_spacing="leading", clip_sample=False, steps_offset=steps_offset,
+        set_alpha_to_one=set_alpha_to_one,
+    )  # fmt: skip
     noises = our_noises(num_steps, noise.shape)
-    start = alpha_bar_start(noise, 19 * (1000 // num_steps))
+    start = alpha_bar_start(noise, 19 * (1000 // num_steps) + steps_offset)
     reference = diffusers_loop(
         sched, start, num_steps,
         lambda i: {"eta": eta, "variance_noise": torch.from_numpy(noises[i])},
@@ -340,6 +344,11 @@ CONFIG_CASES = [
     ("DEISMultistepScheduler", {"solver_order": 3}, {}),
     ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}, {}),
     ("DDIMScheduler", {"clip_sample": False}, {"eta": 0.0}),
+    (
+        "DDIMScheduler",
+        {"clip_sample": False, "steps_offset": 1, "set_alpha_to_one": False},
+        {"eta": 0.0},
+    ),
     ("DDPMScheduler", {"clip_sample": False}, {}),
 ]
 NOISE_MODULES = {
