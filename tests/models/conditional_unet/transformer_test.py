@@ -75,3 +75,18 @@ def test_a_new_spatial_transformer_is_the_identity_and_text_matters_once_trained
     shuffled = block.apply({"params": params}, x, text[:, ::-1])
     assert np.abs(out - other_text).max() > 1e-2
     np.testing.assert_allclose(shuffled, out, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_bfloat16_attention_keeps_float32_logits(upcast):
+    """One query (20) over keys 15, 15.0625, 15.125 (all exact in bfloat16) gives logits
+    300, 301.25, 302.5: float32 keeps them, bfloat16 (spacing 2 there) would round them to
+    300, 302, 302. With values 0, 0, 1 the output is the last key's probability,
+    1 / (1 + e^-1.25 + e^-2.5) = 0.730 from float32 logits, 0.468 from bfloat16 ones."""
+    q = jnp.full((1, 1, 1, 1), 20.0, jnp.bfloat16)
+    k = jnp.array([15.0, 15.0625, 15.125], jnp.bfloat16).reshape(1, 3, 1, 1)
+    v = jnp.array([0.0, 0.0, 1.0], jnp.bfloat16).reshape(1, 3, 1, 1)
+    out = transformer.attention(q, k, v, upcast=upcast)
+    expected = 1 / (1 + np.exp(-1.25) + np.exp(-2.5))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(float(out[0, 0, 0, 0]), expected, rtol=2**-8)
