@@ -3,7 +3,8 @@
 Our ports of diffusers and transformers modules (the autoencoder, the text encoder, the
 conditional U-Net) name their submodules as PyTorch does, with list indices joined by "_":
 ``decoder.up_blocks.0.resnets.1.conv1.weight`` is ``decoder/up_blocks_0/resnets_1/conv1/
-kernel``. So one rule converts them all, driven by our model's own tree:
+kernel``, but for names PyTorch spells so itself (``time_embedding.linear_1``). So one rule
+converts them all, driven by our model's own tree:
 
     params = params_from_state_dict(state_dict, jax.eval_shape(init, rng), source=path)
 
@@ -23,6 +24,8 @@ from flax import traverse_util
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+# PyTorch module names that themselves end in "_<digits>" (diffusers' TimestepEmbedding)
+_LITERAL_NAMES = {"linear_1", "linear_2"}
 
 
 def torch_name(path: tuple[str, ...]) -> str:
@@ -30,7 +33,7 @@ def torch_name(path: tuple[str, ...]) -> str:
     *modules, leaf = path
     parts = []
     for module in modules:
-        match = _INDEXED.match(module)
+        match = None if module in _LITERAL_NAMES else _INDEXED.match(module)
         parts.extend(match.groups() if match else (module,))
     parts.append(_LEAF_NAMES.get(leaf, leaf))
     return ".".join(parts)
