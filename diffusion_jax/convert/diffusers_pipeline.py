@@ -26,7 +26,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from diffusion_jax import models
-from diffusion_jax.convert import diffusers_conditional_unet, diffusers_vae, transformers_clip
+from diffusion_jax.convert import (
+    diffusers_conditional_unet,
+    diffusers_folder,
+    diffusers_vae,
+    transformers_clip,
+)
 from diffusion_jax.models import autoencoders, conditional_unet, text
 from diffusion_jax.models.autoencoders import AutoencoderConfig
 from diffusion_jax.models.conditional_unet import UNetConditionConfig
@@ -91,12 +96,18 @@ def load_diffusers_pipeline(folder: storage.PathLike, *, variant: str | None = N
     """`PipelineWeights` of a diffusers folder (module docstring)."""
     folder = storage.absolute(folder)
     check_folder(folder)
+    check_cross_attention(  # before any weight is read
+        UNetConditionConfig.from_diffusers(diffusers_folder.read_config(folder / "unet"),
+                                           source=str(folder / "unet" / "config.json")),
+        CLIPTextConfig.from_transformers(diffusers_folder.read_config(folder / "text_encoder"),
+                                         source=str(folder / "text_encoder" / "config.json")),
+        folder,
+    )  # fmt: skip
     unet_config, unet = diffusers_conditional_unet.load_unet(folder / "unet", variant=variant)
     vae_config, vae = diffusers_vae.load_diffusers_autoencoder(folder / "vae", variant=variant)
     text_config, encoder = transformers_clip.load_text_encoder(
         folder / "text_encoder", variant=variant
     )
-    check_cross_attention(unet_config, text_config, folder)
     return PipelineWeights(
         unet_config=unet_config,
         vae_config=vae_config,
@@ -171,7 +182,9 @@ def load_converted(folder: storage.PathLike) -> PipelineWeights:
 def load_pipeline(folder: storage.PathLike, *, variant: str | None = None) -> PipelineWeights:
     """`PipelineWeights` of a diffusers folder or of a converted one (module docstring)."""
     path = storage.absolute(folder)
-    return load_converted(path) if is_converted(path) else load_diffusers_pipeline(path, variant=variant)  # fmt: skip
+    if is_converted(path):
+        return load_converted(path)
+    return load_diffusers_pipeline(path, variant=variant)
 
 
 def main(argv: Sequence[str] | None = None) -> epath.Path:
@@ -184,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> epath.Path:
     weights = load_diffusers_pipeline(args.pretrained, variant=args.variant)
     out = save_converted(args.out, weights)
     counts = {part: models.count_params(p) / 1e6 for part, p in weights.params.items()}
-    print(f"Converted {args.pretrained} to {out}: " +
-          ", ".join(f"{part} {count:.1f}M parameters" for part, count in counts.items()))  # fmt: skip
+    listed = ", ".join(f"{part} {count:.1f}M parameters" for part, count in counts.items())
+    print(f"Converted {args.pretrained} to {out}: {listed}")
     return out
 
 

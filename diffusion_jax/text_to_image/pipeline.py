@@ -111,8 +111,10 @@ def make_generate_fn(
     vae_config = weights.vae_config
 
     def encode(params, ids):
-        return text_model.apply({"params": params["text_encoder"]}, ids,
-                                clip_skip=options.clip_skip, method=text_model.hidden_layer)  # fmt: skip
+        variables = {"params": params["text_encoder"]}
+        return text_model.apply(
+            variables, ids, clip_skip=options.clip_skip, method=text_model.hidden_layer
+        )
 
     def generate(params, ids, null_ids, noise, rng, guidance_scale):
         cond = (encode(params, ids), encode(params, null_ids), guidance_scale)
@@ -188,7 +190,8 @@ def generate(
         raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     latents = draw_latents(seed, len(prompts), shape) if init_latents is None else init_latents
     if tuple(latents.shape) != (len(prompts), *shape):
-        raise ValueError(f"init latents of shape {latents.shape}; expected {(len(prompts), *shape)}")
+        expected = (len(prompts), *shape)
+        raise ValueError(f"init latents of shape {latents.shape}; expected {expected}")
     program = compiled_program(weights, options, guided=guidance_scale > 1.0)
     noise = scheduling.noise_from_latents(latents, program.sample, program.name, program.options)
     sharding = batch_sharding(len(prompts))
