@@ -14,7 +14,6 @@ the load with its name and shapes, nothing half-loaded.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from diffusion_jax.convert import diffusers_folder, torch_layout
 from diffusion_jax.models import conditional_unet
 from diffusion_jax.models.conditional_unet import UNetConditionConfig
+from diffusion_jax.runtime import storage
 
 
 def unet_params_from_diffusers(
@@ -39,11 +39,11 @@ def unet_params_from_diffusers(
 
 
 def load_unet(
-    folder: str | pathlib.Path, *, variant: str | None = None, dtype=np.float32
+    folder: storage.PathLike, *, variant: str | None = None, dtype=np.float32
 ) -> tuple[UNetConditionConfig, dict]:
     """(config, params) of a diffusers `unet/` folder (config.json + safetensors), the
     parameters as NumPy arrays of `dtype` (float32 by default, also for fp16 variants)."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     raw_config = diffusers_folder.read_config(folder)
     config = UNetConditionConfig.from_diffusers(raw_config, source=str(folder / "config.json"))
     state_dict = diffusers_folder.read_weights(folder, variant=variant)

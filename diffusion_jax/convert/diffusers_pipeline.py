@@ -35,15 +35,13 @@ from diffusion_jax.convert import (
 from diffusion_jax.models import autoencoders, conditional_unet, text
 from diffusion_jax.models.autoencoders import AutoencoderConfig
 from diffusion_jax.models.conditional_unet import UNetConditionConfig
-from diffusion_jax.models.text import CLIPTextConfig, CLIPTokenizer
+from diffusion_jax.models.text import CLIPTextConfig, CLIPTokenizer, tokenizer
 from diffusion_jax.runtime import storage
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 CONVERTED_PARAMS = "params"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
-                   "tokenizer_config.json")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +135,7 @@ def save_converted(out: storage.PathLike, weights: PipelineWeights) -> epath.Pat
     write_json(out / "text_encoder_config.json", weights.text_config.to_transformers())
     write_json(out / "scheduler" / SCHEDULER_CONFIG, weights.scheduler_config)
     source = storage.as_path(weights.source) / "tokenizer"
-    for name in TOKENIZER_FILES:
+    for name in tokenizer.TOKENIZER_FILES:
         if (source / name).is_file():
             storage.write_bytes(out / "tokenizer" / name, (source / name).read_bytes())
     with ocp.StandardCheckpointer() as checkpointer:

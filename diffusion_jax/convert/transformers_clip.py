@@ -14,7 +14,6 @@ unused or misshapen weight stops the load with its name and shapes.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from diffusion_jax.convert import diffusers_folder, torch_layout
 from diffusion_jax.models import text
 from diffusion_jax.models.text import CLIPTextConfig
+from diffusion_jax.runtime import storage
 
 PREFIX = "text_model."
 PROJECTION = "text_projection.weight"
@@ -48,11 +48,11 @@ def text_encoder_params(
 
 
 def load_text_encoder(
-    folder: str | pathlib.Path, *, variant: str | None = None
+    folder: storage.PathLike, *, variant: str | None = None
 ) -> tuple[CLIPTextConfig, dict]:
     """(config, params) of a transformers CLIP text encoder folder (config.json +
     model.safetensors, or its shards; ``variant="fp16"`` reads model.fp16.safetensors)."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     raw_config, state_dict = diffusers_folder.read_component(folder, variant=variant)
     config = CLIPTextConfig.from_transformers(raw_config, source=str(folder / "config.json"))
     weights = diffusers_folder.weight_files(folder, variant=variant)

@@ -13,6 +13,7 @@ import pytest
 
 from diffusion_jax import generate as generate_cli
 from diffusion_jax.convert import diffusers_pipeline
+from diffusion_jax.runtime import storage
 from diffusion_jax.text_to_image import pipeline, scheduling
 from tests import tiny_pipeline
 
@@ -165,3 +166,23 @@ def test_a_text_encoder_of_another_width_is_named(folder, tmp_path):
     with pytest.raises(ValueError, match=r"cross_attention_dim=48 does not fit the text "
                        r"encoder's hidden_size=32"):  # fmt: skip
         diffusers_pipeline.load_pipeline(broken)
+
+
+def test_a_folder_in_a_bucket_loads_and_converts_there(folder, weights, gcs_emulator):
+    """The same folder in a bucket (the GCS emulator; tokenizer files copied locally, weights
+    read whole) holds the same weights; converted into the bucket, it loads back."""
+    bucket = storage.as_path(gcs_emulator.new_bucket())
+    for path in folder.rglob("*"):
+        if path.is_file():
+            (bucket / "sd" / path.relative_to(folder)).write_bytes(path.read_bytes())
+    remote = diffusers_pipeline.load_pipeline(f"{bucket}/sd")
+    assert remote.scheduler_config == weights.scheduler_config
+    np.testing.assert_array_equal(remote.tokenizer(PROMPTS), weights.tokenizer(PROMPTS))
+    for a, b in zip(jax.tree.leaves(remote.params), jax.tree.leaves(weights.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = diffusers_pipeline.save_converted(f"{bucket}/converted", remote)
+    converted = diffusers_pipeline.load_pipeline(out)
+    assert diffusers_pipeline.is_converted(out) and converted.unet_config == weights.unet_config
+    for a, b in zip(jax.tree.leaves(converted.params), jax.tree.leaves(weights.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

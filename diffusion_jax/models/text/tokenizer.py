@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -39,9 +40,13 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
+from diffusion_jax.runtime import storage
+
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 MAX_LENGTH = 77
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "tokenizer_config.json")  # fmt: skip
 # CLIP's split: special tokens, contractions, letter runs, single digits, other runs
 PIECES = (
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
@@ -72,6 +77,15 @@ def build_tokenizer(
 def _token_content(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _local_copy(folder) -> pathlib.Path:
+    """The tokenizer files of a remote folder in a new local temporary folder."""
+    local = pathlib.Path(tempfile.mkdtemp(prefix="tokenizer_"))
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            (local / name).write_bytes((folder / name).read_bytes())
+    return local
 
 
 def _read_special_tokens(folder: pathlib.Path) -> dict:
@@ -129,7 +143,10 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path) -> CLIPTokenizer:
-        """The tokenizer of a transformers / diffusers tokenizer folder (module docstring)."""
+        """The tokenizer of a transformers / diffusers tokenizer folder (module docstring),
+        local or a URL (gs://; its files are copied to a temporary folder first)."""
+        if storage.is_remote(folder):
+            return cls.from_folder(_local_copy(storage.as_path(folder)))
         folder = pathlib.Path(folder)
         special = _read_special_tokens(folder)
         if (folder / "tokenizer.json").is_file():
