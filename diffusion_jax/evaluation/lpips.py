@@ -34,6 +34,7 @@ TAP_CHANNELS = tuple(channels for channels, _ in VGG16_BLOCKS)
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 NORM_EPS = 1e-10  # lpips.normalize_tensor's
+MIN_SIZE = 16  # four 2x2 max-pools leave relu5_3 at least 1 x 1
 
 
 def conv_names() -> tuple[str, ...]:
@@ -94,6 +95,12 @@ def lpips_distance(
     in [-1, 1] -> [B]. `params` = {"vgg": VGG16Features params, "lin": {tap: [C_tap]}}."""
     if x0.shape != x1.shape:
         raise ValueError(f"LPIPS compares images of one shape; got {x0.shape} and {x1.shape}")
+    if x0.ndim == 4 and min(x0.shape[1:3]) < MIN_SIZE:
+        raise ValueError(
+            f"LPIPS's VGG16 needs images of {MIN_SIZE} x {MIN_SIZE} or more; got {x0.shape}"
+        )
+    # One pass over both batches. A convolution's rounding may depend on an image's place
+    # in the batch (and on XLA's fusions), so LPIPS(x, x) is 0 to about 1e-15, not exactly.
     both = scale_inputs(jnp.concatenate([x0, x1]).astype(jnp.float32))  # [2B, H, W, 3]
     taps = VGG16Features(precision).apply({"params": params["vgg"]}, both)
     total = jnp.zeros(x0.shape[0], jnp.float32)  # [B]
