@@ -19,7 +19,7 @@ SIZE = 32
 def saved(tmp_path_factory):
     """(random params, the same params saved in our format and loaded back, the file)."""
     params = random_params(0)
-    path = tmp_path_factory.mktemp("lpips") / "lpips_random.npz"
+    path = tmp_path_factory.mktemp("lpips_weights") / "lpips_random.npz"
     lpips_weights.save_lpips(path, params, source="random test weights")
     return params, lpips_weights.load_lpips(path), path
 
