@@ -4,7 +4,7 @@
 With x_hat decoded from a posterior sample z ~ q(z | x), per image (sums over pixels and
 latent elements, means over the batch):
 
-    rec   = |x - x_hat|  (or (x - x_hat)^2)
+    rec   = |x - x_hat|  (or (x - x_hat)^2)  [+ perceptual_weight * LPIPS(x, x_hat)]
     nll   = sum(rec / exp(s) + s)            s: one learned log-variance, initially 0
     kl    = KL(q(z | x) || N(0, I))          (`posterior.DiagonalGaussian.kl`)
     g     = -mean D(x_hat)                   the generator's adversarial loss
@@ -13,16 +13,21 @@ latent elements, means over the batch):
     L_autoencoder = nll + kl_weight * kl + lambda * f(step) * g
     L_discriminator = f(step) * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2  (hinge)
 
-f(step) is 1 from `disc_start` on, else 0. Both players are updated in the same step from
-the same batch: the loss returned is L_autoencoder with the discriminator's parameters held
-constant plus L_discriminator with the reconstruction held constant, so its gradient is
-each player's own gradient (LDM alternates two optimizer steps per batch instead, the
-second seeing the updated autoencoder).
+The perceptual term (LPIPS of Zhang et al. 2018, `evaluation.lpips`: one number per image,
+added to every pixel's error as LDM adds it, so it also enters lambda's grad_W nll) is there
+only when the factory is given an LPIPS function, i.e. when the user gave LPIPS weights;
+without one the loss is the one above without it. f(step) is 1 from `disc_start` on, else
+0. Both players are updated in the same step from the same batch: the loss returned is
+L_autoencoder with the discriminator's parameters held constant plus L_discriminator with
+the reconstruction held constant, so its gradient is each player's own gradient (LDM
+alternates two optimizer steps per batch instead, the second seeing the updated
+autoencoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +41,12 @@ ADAPTIVE_WEIGHT_MAX = 1e4
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderLoss:
-    """The loss's options (module docstring); `disc_weight` 0 trains without the GAN."""
+    """The loss's options (module docstring); `disc_weight` 0 trains without the GAN.
+    `perceptual_weight` (LDM's 1.0) weighs LPIPS when the loss is given an LPIPS function."""
 
     reconstruction: str = "l1"
     kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
     learn_logvar: bool = True
     disc_weight: float = 0.5
     disc_start: int = 50001
@@ -49,8 +56,11 @@ class AutoencoderLoss:
             raise ValueError(
                 f"reconstruction={self.reconstruction!r}; allowed: {RECONSTRUCTION_LOSSES}"
             )
-        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
-            raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
+        weights = (self.kl_weight, self.perceptual_weight, self.disc_weight, self.disc_start)
+        if min(weights) < 0:
+            raise ValueError(
+                "kl_weight, perceptual_weight, disc_weight and disc_start must be >= 0"
+            )
 
     @property
     def adversarial(self) -> bool:
@@ -61,10 +71,20 @@ def _per_image_sum(values: jax.Array) -> jax.Array:
     return jnp.sum(values, axis=tuple(range(1, values.ndim)))
 
 
-def nll_loss(x: jax.Array, x_hat: jax.Array, logvar: jax.Array, reconstruction: str):
-    """mean over images of sum(rec / exp(logvar) + logvar) (module docstring)."""
+def nll_loss(
+    x: jax.Array,
+    x_hat: jax.Array,
+    logvar: jax.Array,
+    reconstruction: str,
+    perceptual: jax.Array | None = None,
+) -> jax.Array:
+    """mean over images of sum(rec / exp(logvar) + logvar) (module docstring); x, x_hat
+    [B, H, W, C]. `perceptual` [B], already weighted, is added to every pixel's rec, as
+    LDM's `rec_loss + perceptual_weight * p_loss` broadcasts it."""
     error = x - x_hat
-    rec = jnp.abs(error) if reconstruction == "l1" else jnp.square(error)
+    rec = jnp.abs(error) if reconstruction == "l1" else jnp.square(error)  # [B, H, W, C]
+    if perceptual is not None:
+        rec = rec + perceptual.reshape(-1, *([1] * (rec.ndim - 1)))
     return jnp.mean(_per_image_sum(rec / jnp.exp(logvar) + logvar))
 
 
@@ -88,15 +108,29 @@ def _with_last_kernel(params: dict, kernel: jax.Array) -> dict:
     return {**params, "decoder": decoder}
 
 
+PerceptualFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, x_hat) -> [B]
+
+
 def make_autoencoder_loss_fn(
     autoencoder: AutoencoderKL,
     loss: AutoencoderLoss,
     discriminator: PatchDiscriminator | None = None,
+    perceptual_fn: PerceptualFn | None = None,
 ):
     """`loss_fn(params, batch, rng, loss_history=None, *, step) -> (loss, aux)` over
-    params {"autoencoder", "logvar"[, "discriminator"]}; aux["metrics"] holds each term."""
+    params {"autoencoder", "logvar"[, "discriminator"]}; aux["metrics"] holds each term.
+    `perceptual_fn(x, x_hat) -> [B]` (LPIPS with its weights closed over, held fixed)
+    turns the perceptual term on when `loss.perceptual_weight` > 0."""
     if loss.adversarial and discriminator is None:
         raise ValueError("an adversarial loss (disc_weight > 0) needs the discriminator")
+    perceptual_on = perceptual_fn is not None and loss.perceptual_weight > 0
+
+    def nll_and_lpips(x, x_hat, logvar):
+        if not perceptual_on:
+            return nll_loss(x, x_hat, logvar, loss.reconstruction), None
+        lpips = perceptual_fn(x, x_hat)  # [B]
+        nll = nll_loss(x, x_hat, logvar, loss.reconstruction, loss.perceptual_weight * lpips)
+        return nll, lpips
 
     def loss_fn(params, batch, rng, loss_history=None, *, step):
         del loss_history
@@ -112,13 +146,25 @@ def make_autoencoder_loss_fn(
 
         kernel = ae_params["decoder"]["conv_out"]["kernel"]
         x_hat = reconstruct(kernel)
-        nll = nll_loss(x, x_hat, logvar, loss.reconstruction)
+        nll, lpips = nll_and_lpips(x, x_hat, logvar)
         kl = jnp.mean(posterior.kl())
         total = nll + loss.kl_weight * kl
         metrics = {"nll": nll, "kl": kl, "logvar": logvar, "l1": jnp.mean(jnp.abs(x - x_hat))}
+        if lpips is not None:
+            metrics["lpips"] = jnp.mean(lpips)
         if loss.adversarial:
+            nll_of_kernel = lambda k: nll_and_lpips(x, reconstruct(k), logvar)[0]
             total, adversarial = _add_adversarial(
-                total, params, x, x_hat, reconstruct, kernel, logvar, loss, discriminator, step
+                total,
+                params,
+                x,
+                x_hat,
+                reconstruct,
+                kernel,
+                nll_of_kernel,
+                loss,
+                discriminator,
+                step,
             )
             metrics.update(adversarial)
         return total, {"metrics": metrics}
@@ -126,7 +172,7 @@ def make_autoencoder_loss_fn(
     return loss_fn
 
 
-def _add_adversarial(total, params, x, x_hat, reconstruct, kernel, logvar, loss, disc, step):
+def _add_adversarial(total, params, x, x_hat, reconstruct, kernel, nll_of_kernel, loss, disc, step):
     """total + lambda f g + L_discriminator, and their metrics (module docstring). Before
     `disc_start` (f = 0) a branch skips the discriminator and the adaptive weight."""
     disc_params = params["discriminator"]
@@ -136,7 +182,6 @@ def _add_adversarial(total, params, x, x_hat, reconstruct, kernel, logvar, loss,
         return -jnp.mean(disc.apply({"params": frozen}, x_hat))
 
     def adversarial_terms(_):
-        nll_of_kernel = lambda k: nll_loss(x, reconstruct(k), logvar, loss.reconstruction)
         nll_grad = jax.grad(nll_of_kernel)(kernel)
         g_grad = jax.grad(lambda k: generator_loss(reconstruct(k)))(kernel)
         weight = adaptive_weight(nll_grad, g_grad, loss.disc_weight)

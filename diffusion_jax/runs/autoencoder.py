@@ -4,7 +4,9 @@ diffusion trained through the same loop, checkpoints and logs as a diffusion mod
     state = train(config, workdir)          # --mode=train
 
 The train state's parameters are {"autoencoder", "logvar"[, "discriminator"]}, with one
-optimizer (`optim`) over all of them; `latent.autoencoder_loss` is the loss. Reconstruction
+optimizer (`optim`) over all of them; `latent.autoencoder_loss` is the loss, with LPIPS
+(`evaluation.lpips`) only when `autoencoder_loss.lpips_weights` names a converted weights
+file (checked before any compute; the log says which, or that there is none). Reconstruction
 grids of `sampling.num_images` test images (inputs above reconstructions) are written every
 `training.sample_every` steps and at the end (WORKDIR/samples.png); `training.eval_every`
 logs the test split's PSNR. At the end the autoencoder is exported to WORKDIR/autoencoder,
@@ -15,6 +17,7 @@ for `latent.autoencoder` of a latent diffusion run (configs/ldm_digits.py). --mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -26,7 +29,7 @@ from etils import epath
 
 from diffusion_jax import data
 from diffusion_jax.convert import diffusers_vae
-from diffusion_jax.evaluation import reconstruction
+from diffusion_jax.evaluation import lpips, lpips_weights, reconstruction
 from diffusion_jax.latent import autoencoder_loss
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL
 from diffusion_jax.models.autoencoders import init_params as init_autoencoder_params
@@ -71,6 +74,40 @@ def loss_options(config: ml_collections.ConfigDict) -> autoencoder_loss.Autoenco
         return autoencoder_loss.AutoencoderLoss(**{k: section[k] for k in fields})
     except ValueError as error:
         raise ValueError(f"autoencoder_loss.{error}") from None
+
+
+def perceptual_weights(config: ml_collections.ConfigDict) -> str | None:
+    """`autoencoder_loss.lpips_weights`, checked to name a file; None when it is empty or
+    `perceptual_weight` is 0 (no perceptual term)."""
+    section = config.autoencoder_loss
+    path = section.lpips_weights
+    if not path or section.perceptual_weight == 0:
+        return None
+    if not storage.as_path(path).is_file():
+        raise FileNotFoundError(
+            f"autoencoder_loss.lpips_weights={path!r}: no such file. Convert LPIPS's VGG16 "
+            f"weights once with `python -m diffusion_jax.convert.lpips --out {path} --vgg "
+            "VGG16.pth`, or set autoencoder_loss.lpips_weights='' for no perceptual term"
+        )
+    if config.data.num_channels not in (1, 3):
+        raise ValueError(
+            f"autoencoder_loss.lpips_weights={path!r} with data.num_channels="
+            f"{config.data.num_channels}; LPIPS takes RGB or grey images (1 or 3 channels)"
+        )
+    return path
+
+
+def make_perceptual_fn(config: ml_collections.ConfigDict) -> autoencoder_loss.PerceptualFn | None:
+    """LPIPS (Zhang et al. 2018) with the weights of `autoencoder_loss.lpips_weights`, read
+    and checked now, before any compute; None without them."""
+    path = perceptual_weights(config)
+    if path is None:
+        return None
+    try:
+        params = lpips_weights.load_lpips(path)
+    except ValueError as error:
+        raise ValueError(f"autoencoder_loss.lpips_weights={path!r}: {error}") from None
+    return functools.partial(lpips.lpips_distance, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +240,14 @@ def make_psnr_hook(config, networks, strategy, writer):
     return evaluate_psnr
 
 
-def setup_trainer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> loop.Trainer:
-    """The autoencoder's networks, optimizer, data, checkpoints, state and hooks."""
+def setup_trainer(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    perceptual_fn: autoencoder_loss.PerceptualFn | None = None,
+) -> loop.Trainer:
+    """The autoencoder's networks, optimizer, data, checkpoints, state and hooks;
+    `perceptual_fn` (`make_perceptual_fn`) is the loss's LPIPS, None for none."""
     workdir = storage.as_path(workdir)
     strategy = parallel.make_strategy(config.parallel)
     parallel.check_batch_size(config.training.batch_size, strategy.num_devices)
@@ -216,7 +259,7 @@ def setup_trainer(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     manager = restore.checkpoint_manager(config, workdir)
     state = restore.restore_or_init(strategy, manager, create_fn, init_rng, iterator)
     loss_fn = autoencoder_loss.make_autoencoder_loss_fn(
-        networks.autoencoder, networks.loss, networks.discriminator
+        networks.autoencoder, networks.loss, networks.discriminator, perceptual_fn
     )
     step_fn = train_step.make_train_step(
         loss_fn,
@@ -255,19 +298,29 @@ def export_autoencoder(config, trainer: loop.Trainer, out: epath.Path) -> None:
     logging.info("Exported the autoencoder of step %d to %s", trainer.host_step, out)
 
 
-def describe_loss(loss: autoencoder_loss.AutoencoderLoss) -> str:
-    terms = [f"{loss.reconstruction} reconstruction", f"{loss.kl_weight:g} x KL"]
+def describe_loss(loss: autoencoder_loss.AutoencoderLoss, lpips_path: str | None) -> str:
+    """The loss's terms in words, for the log; `lpips_path`: `perceptual_weights(config)`."""
+    terms = [f"{loss.reconstruction} reconstruction"]
+    if lpips_path is not None:
+        terms.append(f"{loss.perceptual_weight:g} x LPIPS (VGG16, weights {lpips_path})")
+    terms.append(f"{loss.kl_weight:g} x KL")
     if loss.adversarial:
         terms.append(f"PatchGAN hinge loss (adaptive weight x {loss.disc_weight:g}) from step "
                      f"{loss.disc_start}")  # fmt: skip
-    return " + ".join(terms) + "; no perceptual (LPIPS) term"
+    if lpips_path is not None:
+        return " + ".join(terms)
+    reason = "perceptual_weight is 0" if loss.perceptual_weight == 0 else "lpips_weights is empty"
+    return " + ".join(terms) + f"; no perceptual (LPIPS) term (autoencoder_loss.{reason})"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train the autoencoder (resuming from the latest checkpoint in `workdir`)."""
     validate.check_loop(config)
-    trainer = setup_trainer(config, workdir)
-    logging.info("Autoencoder loss: %s", describe_loss(loss_options(config)))
+    perceptual_fn = make_perceptual_fn(config)  # a bad weights file stops the run here
+    logging.info(
+        "Autoencoder loss: %s", describe_loss(loss_options(config), perceptual_weights(config))
+    )
+    trainer = setup_trainer(config, workdir, perceptual_fn=perceptual_fn)
     grid = None
     try:
         if loop.train_loop(trainer):

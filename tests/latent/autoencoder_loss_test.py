@@ -1,16 +1,22 @@
-"""Tests of latent/autoencoder_loss.py: each term's closed form, the adaptive weight, and
-that one gradient of the returned loss is each player's own gradient."""
+"""Tests of latent/autoencoder_loss.py: each term's closed form, the adaptive weight, that
+one gradient of the returned loss is each player's own gradient, and the LPIPS term: absent
+without LPIPS weights, LDM's per-pixel addition to the nll with them."""
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.evaluation import lpips
 from diffusion_jax.latent import autoencoder_loss
 from diffusion_jax.latent.autoencoder_loss import AutoencoderLoss
 from diffusion_jax.models.autoencoders import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from diffusion_jax.models.autoencoders import init_params as init_autoencoder
 from diffusion_jax.models.autoencoders.discriminator import PatchDiscriminator
+from tests.lpips_params import random_params
 
 CONFIG = AutoencoderConfig(
     in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -118,3 +124,108 @@ def test_before_disc_start_the_discriminator_is_still_and_the_gan_term_off(setup
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match=r"reconstruction='l3'; allowed: \('l1', 'l2'\)"):
         AutoencoderLoss(reconstruction="l3")
+    with pytest.raises(ValueError, match="perceptual_weight.* must be >= 0"):
+        AutoencoderLoss(perceptual_weight=-1.0)
+
+
+@pytest.fixture(scope="module")
+def lpips_setup():
+    """16 x 16 images (LPIPS's smallest) and LPIPS with random weights closed over."""
+    autoencoder, discriminator = AutoencoderKL(CONFIG), PatchDiscriminator(8, 2)
+    x = jax.random.uniform(jax.random.key(5), (3, 16, 16, 1), minval=-1, maxval=1)
+    params = {
+        "autoencoder": init_autoencoder(CONFIG, jax.random.key(6)),
+        "logvar": jnp.float32(0.3),
+        "discriminator": discriminator.init(jax.random.key(7), x)["params"],
+    }
+    perceptual_fn = functools.partial(lpips.lpips_distance, random_params(1))
+    return autoencoder, discriminator, params, {"x": x}, perceptual_fn
+
+
+def _reconstruction(autoencoder, ae_params, x, rng):
+    moments = autoencoder.apply({"params": ae_params}, x, method=autoencoder.encode)
+    posterior = DiagonalGaussian.from_moments(moments)
+    z = posterior.sample(rng)
+    return autoencoder.apply({"params": ae_params}, z, method=autoencoder.decode), posterior
+
+
+def test_without_lpips_weights_the_loss_has_no_perceptual_term(lpips_setup):
+    autoencoder, _, params, batch, perceptual_fn = lpips_setup
+    params = {k: v for k, v in params.items() if k != "discriminator"}
+    rng, step = jax.random.key(8), jnp.int32(0)
+    loss = AutoencoderLoss(kl_weight=0.01, disc_weight=0.0)  # perceptual_weight 1.0
+    plain = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, loss)
+    value, aux = jax.jit(lambda p: plain(p, batch, rng, step=step))(params)
+    assert "lpips" not in aux["metrics"]
+    # a weight of 0 with LPIPS given is the same program, to the bit
+    zero = dataclasses.replace(loss, perceptual_weight=0.0)
+    off = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, zero, None, perceptual_fn)
+    np.testing.assert_array_equal(
+        jax.jit(lambda p: off(p, batch, rng, step=step)[0])(params), value
+    )
+    x_hat, posterior = _reconstruction(autoencoder, params["autoencoder"], batch["x"], rng)
+    error = np.abs(np.asarray(batch["x"] - x_hat, np.float64))
+    s = float(params["logvar"])
+    expected = (error / np.exp(s) + s).sum(axis=(1, 2, 3)).mean() + 0.01 * np.mean(posterior.kl())
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+
+
+def test_with_lpips_weights_each_pixel_error_gains_the_weighted_lpips(lpips_setup):
+    """LDM: nll = sum_pixels((|x - x_hat| + w LPIPS(x, x_hat)) / e^s + s), so the term adds
+    H W C w LPIPS / e^s per image to the nll."""
+    autoencoder, _, params, batch, perceptual_fn = lpips_setup
+    params = {k: v for k, v in params.items() if k != "discriminator"}
+    rng, step = jax.random.key(9), jnp.int32(0)
+    loss = AutoencoderLoss(disc_weight=0.0, perceptual_weight=0.7)
+    plain = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, loss)
+    with_lpips = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, loss, None, perceptual_fn)
+    base, base_aux = jax.jit(lambda p: plain(p, batch, rng, step=step))(params)
+    value, aux = jax.jit(lambda p: with_lpips(p, batch, rng, step=step))(params)
+    x_hat, _ = _reconstruction(autoencoder, params["autoencoder"], batch["x"], rng)
+    distances = np.asarray(perceptual_fn(batch["x"], x_hat), np.float64)  # [B]
+    assert np.all(distances > 0)
+    pixels = np.prod(batch["x"].shape[1:])
+    added = pixels * 0.7 * distances.mean() / np.exp(float(params["logvar"]))
+    np.testing.assert_allclose(aux["metrics"]["nll"], base_aux["metrics"]["nll"] + added, rtol=1e-5)
+    np.testing.assert_allclose(value - base, added, rtol=1e-4)
+    np.testing.assert_allclose(aux["metrics"]["lpips"], distances.mean(), rtol=1e-5)
+
+
+def test_the_adaptive_weight_sees_the_perceptual_term(lpips_setup):
+    """lambda = |grad_W nll| / (|grad_W g| + 1e-4) x disc_weight with LPIPS inside the nll,
+    as LDM's `calculate_adaptive_weight(nll_loss, g_loss)`."""
+    autoencoder, discriminator, params, batch, perceptual_fn = lpips_setup
+    rng, step = jax.random.key(10), jnp.int32(0)
+    loss = AutoencoderLoss(disc_start=0)
+    with_lpips = autoencoder_loss.make_autoencoder_loss_fn(
+        autoencoder, loss, discriminator, perceptual_fn
+    )
+    plain = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, loss, discriminator)
+    aux = jax.jit(lambda p: with_lpips(p, batch, rng, step=step)[1])(params)
+    plain_aux = jax.jit(lambda p: plain(p, batch, rng, step=step)[1])(params)
+    ae_params, logvar = params["autoencoder"], params["logvar"]
+    kernel = ae_params["decoder"]["conv_out"]["kernel"]
+    moments = autoencoder.apply({"params": ae_params}, batch["x"], method=autoencoder.encode)
+    z = DiagonalGaussian.from_moments(moments).sample(rng)
+
+    def decoded(k):
+        decoder = {
+            **ae_params["decoder"],
+            "conv_out": {**ae_params["decoder"]["conv_out"], "kernel": k},
+        }
+        return autoencoder.apply({"params": {**ae_params, "decoder": decoder}}, z,
+                                 method=autoencoder.decode)  # fmt: skip
+
+    def nll(k):
+        x_hat = decoded(k)
+        perceptual = perceptual_fn(batch["x"], x_hat)
+        return autoencoder_loss.nll_loss(batch["x"], x_hat, logvar, "l1", perceptual)
+
+    def g(k):
+        return -jnp.mean(discriminator.apply({"params": params["discriminator"]}, decoded(k)))
+
+    expected = autoencoder_loss.adaptive_weight(jax.grad(nll)(kernel), jax.grad(g)(kernel), 0.5)
+    np.testing.assert_allclose(aux["metrics"]["d_weight"], expected, rtol=1e-4)
+    assert not np.isclose(
+        float(aux["metrics"]["d_weight"]), float(plain_aux["metrics"]["d_weight"])
+    )
