@@ -27,15 +27,30 @@ def _check_process(schedule, name: str) -> DiffusionProcess:
     return schedule
 
 
-def respaced_process(process: DiffusionProcess, num_steps: int, spacing: str) -> DiffusionProcess:
-    """The sub-chain through num_steps of the process's steps; the process itself if all."""
-    if num_steps == process.num_timesteps:
+def respaced_process(
+    process: DiffusionProcess, num_steps: int, spacing: str, *, steps_offset: int = 0
+) -> DiffusionProcess:
+    """The sub-chain through num_steps of the process's steps, shifted by `steps_offset`; the
+    process itself if all."""
+    if num_steps == process.num_timesteps and steps_offset == 0:
         return process
-    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing)
+    steps = _offset_steps(process, num_steps, spacing, steps_offset, name="ddpm")
     betas = schedules.respace_betas(np.asarray(process.betas, np.float64), steps)
     return DiffusionProcess.from_betas(
         betas, model_timesteps=np.asarray(process.model_timesteps)[steps]
     )
+
+
+def _offset_steps(process, num_steps: int, spacing: str, offset: int, *, name: str):
+    """The spaced steps (`schedules.spaced_timesteps`) shifted by `offset`, checked to stay
+    inside the process."""
+    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing) + offset
+    if not (0 <= offset and steps[-1] < process.num_timesteps):
+        raise ValueError(
+            f"{name}: steps_offset={offset} puts the steps {steps[0]}..{steps[-1]} outside "
+            f"the process's 0..{process.num_timesteps - 1}"
+        )
+    return steps
 
 
 def make_ddpm_sampler(
@@ -46,8 +61,10 @@ def make_ddpm_sampler(
     variance_type: str = "fixed_small",
     clip_x0: bool = False,
     spacing: str = "linspace",
+    steps_offset: int = 0,
 ) -> common.SampleFn:
-    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on the full or a respaced chain.
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on the full or a respaced chain
+    (its steps shifted by `steps_offset`, diffusers' option).
 
     x_{t-1} = mu_theta(x_t, t) + exp(log_variance / 2) z with the mean of Eq. 7 at x0_hat and the
     variance of `variance_type` (fixed_small beta_tilde, fixed_large beta, learned, or
@@ -55,7 +72,7 @@ def make_ddpm_sampler(
     """
     process = _check_process(schedule, "ddpm")
     common.check_num_steps(num_steps, minimum=1, name="ddpm")
-    process = respaced_process(process, num_steps, spacing)
+    process = respaced_process(process, num_steps, spacing, steps_offset=steps_offset)
     x_t_scale = process.sqrt_one_minus_alphas_cumprod[-1]
     common.check_prediction_at(prediction, float(process.sqrt_alphas_cumprod[-1]), 1.0, name="ddpm")
     process_lib.check_variance_type(variance_type)
@@ -129,12 +146,7 @@ def make_ddim_sampler(
     process = _check_process(schedule, "ddim")
     common.check_num_steps(num_steps, minimum=1, name="ddim")
     _check_eta(eta)
-    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing) + steps_offset
-    if not (0 <= steps_offset and steps[-1] < process.num_timesteps):
-        raise ValueError(
-            f"ddim: steps_offset={steps_offset} puts the steps {steps[0]}..{steps[-1]} outside "
-            f"the process's 0..{process.num_timesteps - 1}"
-        )
+    steps = _offset_steps(process, num_steps, spacing, steps_offset, name="ddim")
     coefficients = _ddim_coefficients(process, steps, set_alpha_to_one=set_alpha_to_one)
     model_times = jnp.asarray(np.asarray(process.model_timesteps)[steps], jnp.float32)
     common.check_prediction_at(prediction, float(coefficients["alpha"][-1]), 1.0, name="ddim")

@@ -137,10 +137,8 @@ def _chain_options(name: str, config: dict) -> dict:
     """DDPM / DDIM / PNDM: timestep spacing on the chain; DDIM ends at alpha_bar = 1."""
     options = {"spacing": config.get("timestep_spacing", "leading")}
     offset = int(config.get("steps_offset", 0))
-    if name in ("pndm", "ddim"):
+    if offset != 0:
         options["steps_offset"] = offset
-    elif offset != 0:
-        raise _unsupported("steps_offset", offset, [0])
     if name == "ddim":
         options["set_alpha_to_one"] = bool(config.get("set_alpha_to_one", True))
     if name == "ddpm":

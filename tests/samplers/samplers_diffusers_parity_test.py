@@ -321,12 +321,18 @@ def test_ddim_matches_diffusers(x64, eta, steps_offset, set_alpha_to_one):
     assert_parity(x, reference)
 
 
-def test_ddpm_matches_diffusers(x64):
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_ddpm_matches_diffusers(x64, steps_offset):
     noise, num_steps = x64, 25
-    x = ours("ddpm", num_steps, noise, spacing="leading")
-    sched = scheduler("DDPMScheduler", timestep_spacing="leading", clip_sample=False)
-    start = alpha_bar_start(noise, (num_steps - 1) * (1000 // num_steps))
-    with replaced_randn("scheduling_ddpm", our_noises(num_steps - 1, noise.shape)):
+    x = ours("ddpm", num_steps, noise, spacing="leading", steps_offset=steps_offset)
+    sched = scheduler(
+        "DDPMScheduler", timestep_spacing="leading", clip_sample=False, steps_offset=steps_offset
+    )
+    start = alpha_bar_start(noise, (num_steps - 1) * (1000 // num_steps) + steps_offset)
+    # diffusers draws noise for every step with t > 0: with the offset also for the last one,
+    # where its variance is 0 (the step before it is alpha_bar = 1)
+    draws = our_noises(num_steps - 1 + steps_offset, noise.shape)
+    with replaced_randn("scheduling_ddpm", draws):
         reference = diffusers_loop(sched, start, num_steps)
     assert_parity(x, reference)
 

@@ -82,7 +82,6 @@ def test_config_process_matches_our_linear_process():
           "use_beta_sigmas": True}, "more than one"),
         ({"_class_name": "EulerDiscreteScheduler", "interpolation_type": "log_linear"},
          "'interpolation_type'.*'linear'"),
-        ({"_class_name": "DDPMScheduler", "steps_offset": 1}, "'steps_offset'"),
         ({"_class_name": "PNDMScheduler", "use_karras_sigmas": True}, "use_karras_sigmas"),
         ({"_class_name": "HeunDiscreteScheduler", "final_sigmas_type": "one"},
          "final_sigmas_type"),
