@@ -68,7 +68,8 @@ flags.DEFINE_bool(
     "retain_freed_memory",
     True,
     "Keep freed host memory in the process, CPU programs in the calling thread (host_memory);"
-    " --noretain_freed_memory: glibc's and JAX's defaults.",
+    " --noretain_freed_memory: glibc's and JAX's defaults (always those with --model sd15_unet"
+    " or sd_vae).",
 )
 flags.DEFINE_integer("profile_steps", 0, "Profile this many train steps per XLA op (0: none).")
 flags.DEFINE_string("profile_dir", "/tmp/diffusion_jax_profile", "Where the profile trace goes.")
@@ -125,7 +126,10 @@ def main(argv) -> None:
     if (FLAGS.config is None) != (FLAGS.model != "config"):
         raise app.UsageError("--config is required with --model config, and only then")
     options = options_from_flags()
-    if options.retain_freed_memory:  # before JAX starts its threads, as diffusion_jax.main
+    # Before JAX starts its threads, as diffusion_jax.main. Not for the latent models: with
+    # glibc so set, diffusers' CPU calls of the tiny SD U-Net took 20-70x as long
+    # (docs/benchmarks.md), which would flatter our ratio.
+    if options.retain_freed_memory and options.model == "config":
         host_memory.retain_freed_memory()
     if options.compare != "none":  # before JAX's GPU client exists: it would take 75% of the
         # GPU's memory up front, leaving PyTorch, in the same process, the rest

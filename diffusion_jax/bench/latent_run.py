@@ -42,9 +42,7 @@ def compare_calls(fns: dict[str, Callable[[], np.ndarray]], *, repeats: int, war
     largest absolute difference of diffusers' output from ours beside ours' largest value."""
     outputs = {name: fn() for name, fn in fns.items()}
     times = interleaved_times(fns, repeats=repeats, warmup=max(warmup - 1, 0))
-    entry = {
-        name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()
-    }
+    entry = {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
     entry["ours"]["max_abs"] = float(np.max(np.abs(outputs["ours"])))
     if "diffusers" in fns:
         entry["ratio"] = entry["diffusers"]["median_s"] / entry["ours"]["median_s"]
@@ -143,9 +141,7 @@ def bench_vae(options: BenchOptions, results: dict) -> None:
             fns["diffusers"] = latent_torch.make_vae_runner(
                 vae, x, part, device=results["diffusers"]["device"], dtype=options.dtype
             )
-        results[f"vae_{part}"] = compare_calls(
-            fns, repeats=options.repeats, warmup=options.warmup
-        )
+        results[f"vae_{part}"] = compare_calls(fns, repeats=options.repeats, warmup=options.warmup)
         results["compile"][f"vae_{part}"] = info["compile"]
 
 

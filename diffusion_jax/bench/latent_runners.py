@@ -89,9 +89,7 @@ def latent_inputs(config: UNetConditionConfig, options: BenchOptions) -> LatentI
     rng = np.random.default_rng(options.seed)
     batch, size = 2 * options.prompts, options.latent_size
     latents = rng.standard_normal((batch, size, size, config.in_channels), np.float32)
-    text = rng.standard_normal(
-        (batch, options.text_tokens, config.cross_attention_dim), np.float32
-    )
+    text = rng.standard_normal((batch, options.text_tokens, config.cross_attention_dim), np.float32)
     return LatentInputs(latents, np.full((batch,), 501.0, np.float32), text)
 
 
