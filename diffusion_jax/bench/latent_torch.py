@@ -39,7 +39,10 @@ def load_diffusers_model(model_class, config, params, *, device: str, dtype: str
         for name, value in torch_layout.state_dict_from_params(params).items()
     }
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
+    model = model.to(device)
+    if dtype != "float32":  # diffusers warns on any dtype cast, also float32's no-op
+        model = model.to(TORCH_DTYPES[dtype])
+    return model.eval()
 
 
 def _nchw(x: np.ndarray, device: str, dtype: str) -> torch.Tensor:
