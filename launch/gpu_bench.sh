@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark of docs/benchmarks.md ("GPU results") in one command: ours against
-# diffusers' UNet2DModel on the same GPU, in bfloat16 and in float32, DDPM CIFAR-10 U-Net.
+# diffusers' UNet2DModel on the same GPU, in bfloat16 and in float32, DDPM CIFAR-10 U-Net;
+# and against diffusers' UNet2DConditionModel and AutoencoderKL, Stable Diffusion 1.5's U-Net
+# and the SD autoencoder with random weights, in bfloat16.
 #
 #   launch/gpu_bench.sh wheels                  # here, with a package registry: fill .whl/
 #   launch/gpu_bench.sh run OUT_DIR [PART ...]  # there, on the GPU machine: no registry
@@ -8,15 +10,17 @@
 # `wheels` downloads, for CPython 3.12 on x86-64 Linux, the packages that a machine with
 # JAX, flax, optax, orbax, chex and PyTorch (CUDA) but nothing else lacks to import the
 # benchmark and diffusers; `run` installs them from .whl/ (if there) into /tmp/site, then
-# writes OUT_DIR/gpu.txt and, for each PART (bfloat16, float32, select; all three if none
-# is named), OUT_DIR/bench_PART.json and .log: 7 files, what the lent machine sends back.
-# Each part takes a few minutes on an H100 / H200 (compiles included); run the parts as
-# separate commands where one command's time is limited, bfloat16 first.
+# writes OUT_DIR/gpu.txt and, for each PART (bfloat16, float32, select, sd15_unet, sd_vae;
+# all five if none is named), OUT_DIR/bench_PART.json and .log: 11 files, what the lent
+# machine sends back. Each part takes a few minutes on an H100 / H200 (compiles included);
+# run the parts as separate commands where one command's time is limited, bfloat16 first.
 #
 # GPU_BENCH_WHEELS names another wheel folder than .whl/. GPU_BENCH_FLAGS, appended to each
 # benchmark's flags, rehearses the script on a CPU:
 #   GPU_BENCH_FLAGS="--tiny --batch_size 4 --sample_batch_size 4 --steps 2 --repeats 1
 #     --warmup 1 --sample_repeats 1 --sample_warmup 0" launch/gpu_bench.sh run /tmp/rehearsal
+#   GPU_BENCH_FLAGS="--tiny --latent_size 8 --text_tokens 5 --generation_steps 2 --image_size
+#     16 --repeats 1 --warmup 1 --sample_repeats 1" launch/gpu_bench.sh run /tmp/r sd15_unet sd_vae
 set -euo pipefail
 CALLER_DIR=$PWD  # relative OUT_DIR and GPU_BENCH_WHEELS are the caller's
 cd "$(dirname "$0")/.."
@@ -55,19 +59,26 @@ install_wheels() {
 # One benchmark run: PART is bfloat16 or float32 (ours against diffusers, train and DDIM
 # 20 / 50 steps, and our train step's time per XLA operation over 3 profiled steps), or select (ours alone, bfloat16, the train step with `where(finite, new,
 # old)` instead of `lax.cond`, which may cost XLA:GPU a host round trip: compare its img/s
-# with bench_bfloat16.json's).
+# with bench_bfloat16.json's), or sd15_unet (SD 1.5's U-Net at 64 x 64 latents, batch 2, 77
+# text states: one call, and 25-step guided DDIM and DPM-Solver++ loops, ours one compiled
+# program, diffusers' StableDiffusionPipeline loop), or sd_vae (the SD autoencoder's encode
+# and decode at 256 x 256, batch 1); both ours against diffusers, weights in bfloat16.
 bench() {
   local out=$1 part=$2 extra
   read -ra extra <<<"${GPU_BENCH_FLAGS:-}"
-  local common=(--config configs/cifar10.py --batch_size 128 --repeats 10 --warmup 5)
+  local cifar10=(--config configs/cifar10.py --batch_size 128 --repeats 10 --warmup 5)
+  local latent=(--compare diffusers --dtype bfloat16 --repeats 10 --warmup 3)
   local flags
   case "$part" in
     bfloat16 | float32)
-      flags=(--compare diffusers --dtype "$part" --sample_batch_size 128 --samplers ddim
-        --steps 20,50 --profile_steps 3 --profile_dir "/tmp/profile_$part") ;;
-    select) flags=(--dtype bfloat16 --samplers= --skip_with select) ;;
+      flags=("${cifar10[@]}" --compare diffusers --dtype "$part" --sample_batch_size 128
+        --samplers ddim --steps 20,50 --profile_steps 3 --profile_dir "/tmp/profile_$part") ;;
+    select) flags=("${cifar10[@]}" --dtype bfloat16 --samplers= --skip_with select) ;;
+    sd15_unet) flags=("${latent[@]}" --model sd15_unet --samplers ddim,dpm_solver++
+      --generation_steps 25 --sample_repeats 3 --sample_warmup 1) ;;
+    sd_vae) flags=("${latent[@]}" --model sd_vae --image_size 256) ;;
   esac
-  python3 -m diffusion_jax.bench "${common[@]}" "${flags[@]}" "${extra[@]}" \
+  python3 -m diffusion_jax.bench "${flags[@]}" "${extra[@]}" \
     --out "$out/bench_$part.json" 2>&1 | tee "$out/bench_$part.log"
 }
 
@@ -76,11 +87,12 @@ run() {
   out=$(absolute "$out")
   shift
   local parts=("$@")
-  ((${#parts[@]})) || parts=(bfloat16 float32 select)
+  ((${#parts[@]})) || parts=(bfloat16 float32 select sd15_unet sd_vae)
   for part in "${parts[@]}"; do
     case "$part" in
-      bfloat16 | float32 | select) ;;
-      *) echo "unknown part '$part'; allowed: bfloat16 float32 select" >&2; exit 2 ;;
+      bfloat16 | float32 | select | sd15_unet | sd_vae) ;;
+      *) echo "unknown part '$part'; allowed: bfloat16 float32 select sd15_unet sd_vae" >&2
+        exit 2 ;;
     esac
   done
   mkdir -p "$out"

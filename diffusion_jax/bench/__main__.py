@@ -1,4 +1,5 @@
-"""python -m diffusion_jax.bench --config configs/cifar10.py [--compare diffusers]"""
+"""python -m diffusion_jax.bench --config configs/cifar10.py [--compare diffusers], or
+--model sd15_unet / sd_vae [--compare diffusers] (bench/latent_run.py)."""
 
 from absl import app
 

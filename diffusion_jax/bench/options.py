@@ -8,6 +8,9 @@ from diffusion_jax.runtime import compilation
 
 SAMPLERS = ("ddim", "dpm_solver++")
 COMPARE = ("none", "diffusers")
+# --model: "config" trains and samples the model of --config; the others are latent
+# diffusion's networks with random weights (bench/latent_run.py)
+MODELS = ("config", "sd15_unet", "sd_vae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,14 @@ class BenchOptions:
     profile_dir: str = "/tmp/diffusion_jax_profile"  # where the profiler writes its trace
     seed: int = 0
     log_to: tuple[str, ...] = ()  # workdirs (local, gs://...) to time the logged step against
+    model: str = "config"  # MODELS
+    tiny: bool = False  # sd15_unet, sd_vae: their architectures at tiny widths
+    prompts: int = 1  # sd15_unet: prompts per batch; the U-Net's batch is 2 x prompts (guided)
+    latent_size: int = 64  # sd15_unet: latents of latent_size^2 (64: 512 x 512 images)
+    text_tokens: int = 77  # sd15_unet: text states per prompt (CLIP's 77)
+    generation_steps: int = 25  # sd15_unet: steps of each sampler's generation loop
+    image_size: int = 256  # sd_vae: images of image_size^2
+    vae_batch_size: int = 1  # sd_vae: images per encode / decode call
 
 
 def compiler_options(options: BenchOptions) -> dict[str, str]:
