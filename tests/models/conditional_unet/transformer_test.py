@@ -90,3 +90,18 @@ def test_bfloat16_attention_keeps_float32_logits(upcast):
     expected = 1 / (1 + np.exp(-1.25) + np.exp(-2.5))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(float(out[0, 0, 0, 0]), expected, rtol=2**-8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_cpu_einsum_attention_is_dot_product_attention(dtype):
+    """The CPU path (einsums, chunks of CPU_QUERY_CHUNK) computes what other backends'
+    jax.nn.dot_product_attention does, on a sequence long enough to be chunked."""
+    length = transformer.CPU_QUERY_CHUNK + 77
+    q, k, v = _qkv(length, length, dtype)
+    ours = jax.jit(transformer.attention)(q, k, v)
+    theirs = jax.jit(jax.nn.dot_product_attention)(q, k, v)
+    tolerance = 1e-6 if dtype == jnp.float32 else 2**-7
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32),
+                               rtol=0, atol=tolerance)  # fmt: skip
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(ours, _reference(q, k, v), rtol=0, atol=1e-5)
