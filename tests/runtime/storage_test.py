@@ -1,6 +1,8 @@
 """Tests of runtime/storage.py on a local directory and on the GCS emulator: whole-file
 writes, atomic exclusive creation, the start-up access check, mirrored directories."""
 
+import fsspec
+import fsspec.implementations.memory
 import numpy as np
 import pytest
 
@@ -90,3 +92,30 @@ def test_npz_files_round_trip_under_any_name_and_are_never_unpickled(directory):
     storage.save_npz(directory / "objects.npz", payload=np.asarray([{"a": 1}], dtype=object))
     with storage.load_npz(directory / "objects.npz") as archive, pytest.raises(ValueError):
         archive["payload"]  # a pickled object array: refused, not loaded
+
+
+class _WriteDeniedFileSystem(fsspec.implementations.memory.MemoryFileSystem):
+    """An object store whose account may list but not write (what GCS answers with 403)."""
+
+    protocol = "denied"
+    root_marker = ""
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return str(path).removeprefix("denied://").rstrip("/")
+
+    def pipe_file(self, path, value, **kwargs):
+        raise PermissionError(f"403 Forbidden: no storage.objects.create on {path}")
+
+
+def test_access_check_names_a_path_this_account_may_not_write():
+    """The permission error (here from a store that refuses writes; the GCS emulator does not
+    check permissions) names the option, the path and where credentials come from."""
+    fsspec.register_implementation("denied", _WriteDeniedFileSystem, clobber=True)
+    fsspec.filesystem("denied").mkdir("bucket")
+    storage.check_access("denied://bucket/run", write=False)  # reading is allowed
+    with pytest.raises(storage.StorageError) as error:
+        storage.check_access("denied://bucket/run", write=True)
+    message = str(error.value)
+    assert message.startswith("--workdir=denied://bucket/run cannot be used: PermissionError")
+    assert "403 Forbidden" in message and "application-default" in message
