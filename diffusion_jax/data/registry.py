@@ -11,6 +11,7 @@ import ml_collections
 
 from diffusion_jax.data.digits import build_digits
 from diffusion_jax.data.folder import build_folder
+from diffusion_jax.data.photos import build_photos
 from diffusion_jax.data.sources import DataSource
 from diffusion_jax.data.tfds_sources import build_celeb_a, build_cifar10, build_mnist, build_tfds
 from diffusion_jax.data.toy2d import build_toy2d
@@ -25,6 +26,7 @@ DATASETS: dict[str, SourceBuilder] = {
     "digits": build_digits,
     "toy2d": build_toy2d,
     "folder": build_folder,
+    "photos": build_photos,
 }
 
 
