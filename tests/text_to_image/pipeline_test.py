@@ -19,6 +19,8 @@ from diffusion_jax.runtime import storage
 from diffusion_jax.text_to_image import pipeline, scheduling
 from tests import tiny_pipeline
 
+pytestmark = pytest.mark.slow  # end to end: each test compiles a whole generation
+
 PROMPTS = ["a photo of a cat", "an oil painting of an astronaut riding a horse"]
 NEGATIVE = ["blurry", ""]
 PIPELINE_TOLERANCE = 1e-3
