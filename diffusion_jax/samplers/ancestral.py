@@ -43,8 +43,11 @@ def respaced_process(
 
 def _offset_steps(process, num_steps: int, spacing: str, offset: int, *, name: str):
     """The spaced steps (`schedules.spaced_timesteps`) shifted by `offset`, checked to stay
-    inside the process."""
-    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing) + offset
+    inside the process. A single step is T-1 whatever the spacing (one step from noise to the
+    data), and no offset moves it."""
+    steps = schedules.spaced_timesteps(process.num_timesteps, num_steps, spacing)
+    if num_steps > 1:
+        steps = steps + offset
     if not (0 <= offset and steps[-1] < process.num_timesteps):
         raise ValueError(
             f"{name}: steps_offset={offset} puts the steps {steps[0]}..{steps[-1]} outside "

@@ -157,11 +157,12 @@ def test_without_lpips_weights_the_loss_has_no_perceptual_term(lpips_setup):
     plain = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, loss)
     value, aux = jax.jit(lambda p: plain(p, batch, rng, step=step))(params)
     assert "lpips" not in aux["metrics"]
-    # a weight of 0 with LPIPS given is the same program, to the bit
+    # a weight of 0 with LPIPS given is the same loss, to float32 rounding (XLA may fuse the
+    # two programs differently: the newest jax differs in the last bit)
     zero = dataclasses.replace(loss, perceptual_weight=0.0)
     off = autoencoder_loss.make_autoencoder_loss_fn(autoencoder, zero, None, perceptual_fn)
-    np.testing.assert_array_equal(
-        jax.jit(lambda p: off(p, batch, rng, step=step)[0])(params), value
+    np.testing.assert_allclose(
+        jax.jit(lambda p: off(p, batch, rng, step=step)[0])(params), value, rtol=1e-6
     )
     x_hat, posterior = _reconstruction(autoencoder, params["autoencoder"], batch["x"], rng)
     error = np.abs(np.asarray(batch["x"] - x_hat, np.float64))

@@ -305,12 +305,17 @@ def test_ode_nfe_is_the_number_of_network_calls(num_steps, step_to_kinks):
     assert int(info["num_steps"]) >= (49 if step_to_kinks else 1)
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-def test_one_step_goes_from_noise_to_the_denoised_mean(spacing):
+@pytest.mark.parametrize("spacing, steps_offset", [
+    ("linspace", 0), ("leading", 0), ("trailing", 0), ("leading", 1)
+])  # fmt: skip
+def test_one_step_goes_from_noise_to_the_denoised_mean(spacing, steps_offset):
     """DDIM / DDPM with one step: x_0 = x0_hat(x_T) at t = T-1 (DDIM eq. 12 with alpha_prev =
-    1), for the mixture ~ its mean (alpha_T ~ 0.006 leaves x_T almost no information)."""
+    1), for the mixture ~ its mean (alpha_T ~ 0.006 leaves x_T almost no information). Stable
+    Diffusion's steps_offset 1 does not move the single step past T-1."""
     for name in ("ddim", "ddpm"):
-        sample = samplers.make_sampler(name, schedule=PROCESS, num_steps=1, spacing=spacing)
+        sample = samplers.make_sampler(
+            name, schedule=PROCESS, num_steps=1, spacing=spacing, steps_offset=steps_offset
+        )
         x, _ = run(sample, model_for("eps"), num=256)
         mixture_mean = MIXTURE.weights @ MIXTURE.means
         np.testing.assert_allclose(jnp.mean(x, axis=0), mixture_mean, atol=0.05)
