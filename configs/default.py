@@ -36,7 +36,16 @@ def data_config() -> ml_collections.ConfigDict:
     data.num_classes = 10  # read only when use_labels
     data.toy_distribution = "swiss_roll"  # data.name = "toy2d"
     data.toy_num_points = 10000
-    data.folder_path = ml_collections.config_dict.placeholder(str)  # data.name = "folder"
+    data.folder_path = ml_collections.config_dict.placeholder(str)  # "folder", "captioned_folder"
+    data.random_crop = False  # folder / captioned_folder / tfds: a random square, not the center
+    # data.name = "captioned_folder": the caption key of metadata.jsonl (else NAME.txt files)
+    data.caption_column = "text"
+    data.caption_feature = ""  # data.name = "tfds": the Text feature that captions each image
+    # captions of labelled data, e.g. ("a handwritten digit {name}", "the number {label}")
+    data.caption_templates = ()
+    data.caption_dropout = 0.0  # probability of the empty caption (classifier-free guidance)
+    # corrupt images, missing or empty captions: left out and counted instead of an error
+    data.skip_bad_examples = False
     data.num_workers = 0  # grain worker processes (0: threads in the training process)
     data.train_split = "train"
     data.eval_split = "test"

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from diffusion_jax.data import image_ops
+from diffusion_jax.data.caption_templates import DIGIT_NAMES
 from diffusion_jax.data.sources import DataSource, check_split
 
 NUM_TRAIN = 1500
@@ -65,4 +66,5 @@ def build_digits(data_config: ml_collections.ConfigDict, split: str) -> DataSour
         decode=_DecodeDigit(size // NATIVE_SIZE),
         example_shape=(size, size, 1),
         num_classes=10,
+        class_names=DIGIT_NAMES,
     )

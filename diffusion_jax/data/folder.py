@@ -1,12 +1,15 @@
 """A folder of PNG/JPEG images (searched recursively), e.g. your own photographs.
 
-Images are center-cropped to a square and resized to `data.image_size`; colour or grey
-follows `data.num_channels` (3: RGB, 1: L). With `data.use_labels`, the class of an image
-is its top-level subfolder, classes numbered in sorted order of the subfolder names
-(the folder has labels only when every image lies in such a subfolder).
-The folder is one split, named "train". Files are read lazily; an unreadable file raises
-a ValueError naming it when it is reached. The folder may be a URL (gs://bucket/images): it is
-listed once, by one listing of its objects, and each image is read whole when it is needed.
+Images are center-cropped to a square and resized to `data.image_size` (with
+`data.random_crop`, resized so that their shorter side is `data.image_size`, the pipeline
+then taking a square at a random offset); colour or grey follows `data.num_channels`
+(3: RGB, 1: L). With `data.use_labels`, the class of an image is its top-level subfolder,
+classes numbered in sorted order of the subfolder names (the folder has labels only when
+every image lies in such a subfolder). The folder is one split, named "train". Files are read
+lazily; an unreadable file raises a ValueError naming it when it is reached (with
+`data.skip_bad_examples`, the next image is read instead, and the skip logged and counted).
+The folder may be a URL (gs://bucket/images): it is listed once, by one listing of its
+objects, and each image is read whole when it is needed.
 
 Files that are not images of the data set are skipped (so they never make a class): hidden
 files and folders (names starting with ".", e.g. macOS `._name.png` AppleDouble files or
@@ -31,7 +34,7 @@ from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusion_jax.data import image_ops
-from diffusion_jax.data.sources import DataSource, check_split
+from diffusion_jax.data.sources import DataSource, UnreadableExampleError, check_split
 from diffusion_jax.runtime import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -110,8 +113,12 @@ def _to_8_bits(pil_image: Image.Image, *, file_format: str | None) -> Image.Imag
     return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8))
 
 
-def read_image(path: str | os.PathLike, *, size: int, num_channels: int) -> np.ndarray:
-    """uint8 [size, size, C] from an image file; ValueError naming the file if unreadable.
+def read_image(
+    path: str | os.PathLike, *, size: int, num_channels: int, random_crop: bool = False
+) -> np.ndarray:
+    """uint8 [size, size, C] from an image file, center-cropped and resized (with
+    `random_crop`: [H, W, C], resized so that min(H, W) = size, for the pipeline to crop);
+    an `UnreadableExampleError` (a ValueError) naming the file if it cannot be decoded.
 
     EXIF orientation is applied, 16-bit grey is reduced to its high byte, alpha is dropped.
     """
@@ -122,43 +129,64 @@ def read_image(path: str | os.PathLike, *, size: int, num_channels: int) -> np.n
             eight_bits = _to_8_bits(upright, file_format=file_format)
             image = np.asarray(eight_bits.convert(_PIL_MODES[num_channels]))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
+        raise UnreadableExampleError(f"cannot read image file {path}: {error}") from error
     image = image.reshape(image.shape[0], image.shape[1], num_channels)
+    if random_crop:
+        return image_ops.resize_shorter_side(image, size=size)
     return image_ops.center_crop_and_resize(image, size=size)
 
 
-class _DecodeImageFile:
-    """(path, label) -> {"x": uint8 [S, S, C], "label": int32}."""
+class DecodeImageFile:
+    """(path, label) -> {"x": uint8 [S, S, C] (or shorter side S), "label": int32}."""
 
-    def __init__(self, *, size: int, num_channels: int):
-        self.size, self.num_channels = size, num_channels
+    def __init__(self, *, size: int, num_channels: int, random_crop: bool = False):
+        self.size, self.num_channels, self.random_crop = size, num_channels, random_crop
+
+    def read(self, path: str) -> np.ndarray:
+        return read_image(
+            path, size=self.size, num_channels=self.num_channels, random_crop=self.random_crop
+        )
 
     def __call__(self, record: tuple[str, int | None]) -> dict[str, np.ndarray]:
         path, label = record
-        image = read_image(path, size=self.size, num_channels=self.num_channels)
+        image = self.read(path)
         if label is None:
             return {"x": image}
         return {"x": image, "label": np.int32(label)}
 
 
-def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
-    """The images under `data.folder_path`, labelled by subfolder when all are in one."""
-    check_split(split, allowed=("train",), dataset="folder")
+def folder_root(data_config: ml_collections.ConfigDict, *, dataset: str) -> os.PathLike:
+    """`data.folder_path` as a path, after checking it is a directory and the channels."""
     if data_config.folder_path is None or not storage.as_path(data_config.folder_path).is_dir():
         raise FileNotFoundError(f"data.folder_path={data_config.folder_path!r} is not a directory")
     if data_config.num_channels not in _PIL_MODES:
         raise ValueError(
-            f"data.num_channels={data_config.num_channels} is not allowed for folder data sets; "
-            f"allowed: {sorted(_PIL_MODES)}"
+            f"data.num_channels={data_config.num_channels} is not allowed for {dataset} data "
+            f"sets; allowed: {sorted(_PIL_MODES)}"
         )
-    root = storage.as_path(data_config.folder_path)
+    return storage.as_path(data_config.folder_path)
+
+
+def scan_images(
+    root: os.PathLike, *, ignored=lambda path: False
+) -> tuple[list[os.PathLike], list[os.PathLike]]:
+    """(images, other files) under `root`, sorted, from one listing; the other files, but
+    those `ignored`, named in one warning; a ValueError if there are no images."""
     paths, others = _scan(root)
-    _report_ignored(root, others)
+    _report_ignored(root, [path for path in others if not ignored(path)])
     if not paths:
         raise ValueError(
             f"data.folder_path={str(root)!r} holds no {IMAGE_SUFFIXES} files "
             "(hidden ones and __MACOSX/ are skipped)"
         )
+    return paths, others
+
+
+def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """The images under `data.folder_path`, labelled by subfolder when all are in one."""
+    check_split(split, allowed=("train",), dataset="folder")
+    root = folder_root(data_config, dataset="folder")
+    paths, _ = scan_images(root)
     # Labels exist when every image lies in a top-level subfolder (its class).
     relative_parts = [path.relative_to(root).parts for path in paths]
     has_labels = all(len(parts) > 1 for parts in relative_parts)
@@ -168,7 +196,10 @@ def build_folder(data_config: ml_collections.ConfigDict, split: str) -> DataSour
         (str(path), class_index[parts[0]] if has_labels else None)
         for path, parts in zip(paths, relative_parts, strict=True)
     ]
-    decode = _DecodeImageFile(size=data_config.image_size, num_channels=data_config.num_channels)
-    num_classes = len(class_names) if has_labels else None
     size = data_config.image_size
-    return DataSource(records, decode, (size, size, data_config.num_channels), num_classes)
+    decode = DecodeImageFile(
+        size=size, num_channels=data_config.num_channels, random_crop=data_config.random_crop
+    )
+    num_classes = len(class_names) if has_labels else None
+    names = tuple(class_names) if has_labels else None
+    return DataSource(records, decode, (size, size, data_config.num_channels), num_classes, names)

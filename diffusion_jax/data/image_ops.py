@@ -42,6 +42,30 @@ def center_crop_and_resize(
     return resize(center_crop(image, height=side, width=side), size=size, method=method)
 
 
+def resize_shorter_side(image: np.ndarray, *, size: int, method: str = "bicubic") -> np.ndarray:
+    """Resizes uint8 `image` [H, W, C] so that its shorter side is `size`, keeping its aspect
+    ratio (the longer side rounded), as torchvision's `Resize(size)`; for random crops."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    if (new_height, new_width) == (height, width):
+        return image
+    channels = image.shape[2]
+    pil_image = Image.fromarray(image[..., 0] if channels == 1 else image)
+    resized = np.asarray(pil_image.resize((new_width, new_height), resample=_RESAMPLE[method]))
+    return resized.reshape(new_height, new_width, channels)
+
+
+def random_square_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A square window of side min(H, W) of `image` [H, W, C] at a uniformly drawn offset
+    along its longer side (the whole image when it is square)."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    return image[top : top + side, left : left + side]
+
+
 def pad_to_size(image: np.ndarray, *, size: int) -> np.ndarray:
     """Zero-pads `image` [H, W, C] symmetrically to [size, size, C] (black border)."""
     height, width = image.shape[:2]

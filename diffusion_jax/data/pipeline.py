@@ -3,8 +3,11 @@
 Every example is a pure function of its position n = 0, 1, 2, ... in the global stream:
   epoch e = n // N (N examples in the split); the example is number pi_e(n mod N) of the
   split, pi_e a permutation drawn by grain's index shuffle with seed s + e (identity when
-  not shuffling); it is mirrored left-right iff a Philox draw keyed by (flip seed, n) is
-  below 1/2.
+  not shuffling); with `data.random_crop` its square window is placed by a Philox draw keyed
+  by (crop seed, n); it is mirrored left-right iff a Philox draw keyed by (flip seed, n) is
+  below 1/2; a templated caption is drawn with (template seed, n) (`caption_templates.py`),
+  and a caption is dropped iff a draw keyed by (dropout seed, n) is below
+  `data.caption_dropout` (`captions.py`). Captions are tokenized per batch.
 Global batch k is positions [kG, (k+1)G); process p of P takes positions kG + p + jP,
 j < G/P, so the P shards are disjoint, their union is the global batch, and the global
 batch sequence does not depend on P. Nothing is stateful, so the iterator's state is the
@@ -23,6 +26,9 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from diffusion_jax.data import image_ops
+from diffusion_jax.data.caption_templates import TemplateCaption, class_names_or_numbers
+from diffusion_jax.data.captions import CaptionDropout, TokenizeCaptions, Tokenizer
 from diffusion_jax.data.registry import build_source
 from diffusion_jax.data.sources import DataSource
 
@@ -50,6 +56,11 @@ def _random_horizontal_flip(example: dict, rng: np.random.Generator) -> dict:
     return example
 
 
+def _random_crop(example: dict, rng: np.random.Generator) -> dict:
+    """A square window of the image [H, W, C] (shorter side S) at a random offset."""
+    return {**example, "x": image_ops.random_square_crop(example["x"], rng)}
+
+
 def _stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
@@ -61,15 +72,28 @@ def example_stream(
     shuffle: bool,
     random_flip: bool,
     num_epochs: int | None,
+    random_crop: bool = False,
+    caption_templates: tuple[str, ...] = (),
+    caption_dropout: float = 0.0,
 ) -> grain.MapDataset:
     """The global stream of examples (see the module docstring); infinite if num_epochs is None."""
-    shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    # The first two seeds are those of the streams before crops and captions existed.
+    shuffle_seed, flip_seed, crop_seed, template_seed, dropout_seed = (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(5)
+    )
     stream = grain.MapDataset.source(source)
     if shuffle:
         stream = stream.shuffle(seed=shuffle_seed)  # epoch e uses seed shuffle_seed + e
     stream = stream.repeat(num_epochs)
+    if random_crop:
+        stream = stream.random_map(_random_crop, seed=crop_seed)
     if random_flip:
         stream = stream.random_map(_random_horizontal_flip, seed=flip_seed)  # keyed by n
+    if caption_templates:
+        names = class_names_or_numbers(source.class_names, source.num_classes)
+        stream = stream.random_map(TemplateCaption(caption_templates, names), seed=template_seed)
+    if caption_dropout:
+        stream = stream.random_map(CaptionDropout(caption_dropout), seed=dropout_seed)
     return stream
 
 
@@ -102,8 +126,10 @@ def shard_positions(
 class DataIterator:
     """Iterator of batches {"x": float32 [B, ...] in [-1, 1] (images), "label": int32 [B]}.
 
-    "label" is present when `use_labels`. Its state is {"next_batch_index": k, ...}, a
-    JSON-serialisable dict; `set_state` checks it was taken from the same data stream.
+    "label" is present when `use_labels`; of captioned data, "input_ids" int32 [B, L] when a
+    tokenizer is given and "text" (the captions, a NumPy array of str [B]: not a JAX type, for
+    logging) when `keep_text`. Its state is {"next_batch_index": k, ...}, a JSON-serialisable
+    dict; `set_state` checks it was taken from the same data stream.
     """
 
     def __init__(
@@ -114,10 +140,12 @@ class DataIterator:
         use_labels: bool,
         num_workers: int,
         stream_identity: dict[str, Any],
+        passed_keys: tuple[str, ...] = (),
     ):
         self._batches = batches
         self._is_image = is_image
         self._use_labels = use_labels
+        self._passed_keys = passed_keys
         self._num_workers = num_workers
         self._stream_identity = stream_identity
         self._next_batch_index = 0
@@ -156,6 +184,8 @@ class DataIterator:
         batch = {"x": x}
         if self._use_labels:
             batch["label"] = raw["label"].astype(np.int32)
+        for key in self._passed_keys:
+            batch[key] = raw[key]
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -178,6 +208,27 @@ class DataIterator:
         self._iterator = None
 
 
+def _stream_identity(data_config, source: DataSource, **arguments) -> dict[str, Any]:
+    """What a saved iterator state must agree on; the crop and caption options only where set,
+    so states saved before they existed still restore."""
+    identity = {
+        "dataset": data_config.name,
+        "split": arguments["split"],
+        "num_examples": len(source),
+        "seed": arguments["seed"],
+        "shuffle": arguments["shuffle"],
+        "random_flip": bool(data_config.random_flip),
+        "global_batch_size": arguments["global_batch_size"],
+    }
+    if data_config.random_crop:
+        identity["random_crop"] = True
+    if data_config.caption_templates:
+        identity["caption_templates"] = list(data_config.caption_templates)
+    if data_config.caption_dropout:
+        identity["caption_dropout"] = float(data_config.caption_dropout)
+    return identity
+
+
 def make_dataset(
     data_config: ml_collections.ConfigDict,
     *,
@@ -189,13 +240,18 @@ def make_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     pad_last_batch: bool = False,
+    tokenizer: Tokenizer | None = None,
+    keep_text: bool = False,
 ) -> DataIterator:
     """This process's batches of `split`: G / P examples each, disjoint across processes.
 
-    Random flips follow `data.random_flip`; labels `data.use_labels`. An endless stream
-    when `num_epochs` is None; otherwise `num_epochs` passes, cut to whole global batches,
-    or, with `pad_last_batch`, completed to whole global batches by the examples that follow
-    in the stream (positions >= num_epochs * num_examples, for the caller to drop).
+    Random flips follow `data.random_flip`; labels `data.use_labels`; crops and captions the
+    `data.random_crop` and `data.caption_*` options. An endless stream when `num_epochs` is
+    None; otherwise `num_epochs` passes, cut to whole global batches, or, with
+    `pad_last_batch`, completed to whole global batches by the examples that follow in the
+    stream (positions >= num_epochs * num_examples, for the caller to drop). Of captioned
+    data, batches hold "input_ids" when a `tokenizer` is given (`captions.py`), "text" with
+    `keep_text`, and no caption otherwise.
     """
     local_batch_size(global_batch_size, process_count)  # fail early, naming the option
     source = build_source(data_config, split=split)
@@ -210,6 +266,9 @@ def make_dataset(
         shuffle=shuffle,
         random_flip=data_config.random_flip,
         num_epochs=None if length is None else -(-length // len(source)),
+        random_crop=data_config.random_crop,
+        caption_templates=tuple(data_config.caption_templates),
+        caption_dropout=data_config.caption_dropout,
     )
     if length is not None:
         stream = stream[:length]
@@ -219,21 +278,20 @@ def make_dataset(
         process_index=process_index,
         process_count=process_count,
     )
-    stream_identity = {
-        "dataset": data_config.name,
-        "split": split,
-        "num_examples": len(source),
-        "seed": seed,
-        "shuffle": shuffle,
-        "random_flip": bool(data_config.random_flip),
-        "global_batch_size": global_batch_size,
-    }
+    has_captions = source.has_captions or bool(data_config.caption_templates)
+    passed_keys = ("text",) if has_captions and keep_text else ()
+    if has_captions and tokenizer is not None:
+        batches = batches.map(TokenizeCaptions(tokenizer))
+        passed_keys += ("input_ids",)
+    identity = _stream_identity(data_config, source, split=split, seed=seed, shuffle=shuffle,
+                                global_batch_size=global_batch_size)  # fmt: skip
     return DataIterator(
         batches,
         is_image=source.is_image,
         use_labels=data_config.use_labels,
         num_workers=data_config.num_workers,
-        stream_identity=stream_identity,
+        stream_identity=identity,
+        passed_keys=passed_keys,
     )
 
 
@@ -244,13 +302,18 @@ def make_eval_dataset(
     seed: int,
     global_batch_size: int,
     pad_last_batch: bool = False,
+    tokenizer: Tokenizer | None = None,
+    keep_text: bool = False,
 ) -> DataIterator:
-    """One pass over `split` in order, unflipped, in this process's share of each batch:
-    whole batches only, or every example with `pad_last_batch` (see `make_dataset`)."""
+    """One pass over `split` in order, unflipped, center-cropped, without caption dropout, in
+    this process's share of each batch: whole batches only, or every example with
+    `pad_last_batch` (see `make_dataset`)."""
     local_batch_size(global_batch_size, jax.process_count(), option="eval.batch_size")
     unflipped = copy.deepcopy(data_config)
     with unflipped.unlocked():
         unflipped.random_flip = False
+        unflipped.random_crop = False
+        unflipped.caption_dropout = 0.0
     return make_dataset(
         unflipped,
         split=split,
@@ -261,4 +324,6 @@ def make_eval_dataset(
         shuffle=False,
         num_epochs=1,
         pad_last_batch=pad_last_batch,
+        tokenizer=tokenizer,
+        keep_text=keep_text,
     )

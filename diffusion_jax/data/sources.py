@@ -1,7 +1,8 @@
 """The record type every data set builder returns, before shuffling, sharding and batching.
 
 A `DataSource` is random access: `decode(records[i])` is example `i` of the split,
-`{"x": array, "label": int32 []}` ("label" present when the data set has classes).
+`{"x": array, "label": int32 []}` ("label" present when the data set has classes; "text", a
+caption `str`, when it has captions: see `captioned_folder.py`, `tfds_sources.py`).
 Images are [H, W, C] with values in [0, 255] (uint8, or float32 where the data set
 has finer grey levels, e.g. digits); 2-D toy points are float32 [2] and are not rescaled.
 Random access is what makes the pipeline resumable: every example is a pure function of
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +27,17 @@ class DataSource:
         Must be picklable (module-level functions or classes) for grain worker processes.
       example_shape: shape of `x`, e.g. (32, 32, 3) or (2,).
       num_classes: number of classes, or None if the data set has no class labels.
+      class_names: the name of each class ("seven", "airplane"), for templated captions;
+        None where the data set names none.
+      has_captions: whether each example holds a caption, "text".
     """
 
     records: Sequence[Any]
     decode: Callable[[Any], dict[str, np.ndarray]]
     example_shape: tuple[int, ...]
     num_classes: int | None
+    class_names: tuple[str, ...] | None = None
+    has_captions: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -50,3 +57,39 @@ def check_split(split: str, *, allowed: Sequence[str], dataset: str) -> None:
             f"split {split!r} does not exist for data set {dataset!r} "
             f"(data.train_split / data.eval_split); allowed: {list(allowed)}"
         )
+
+
+class UnreadableExampleError(ValueError):
+    """An example whose file cannot be decoded (a corrupt image): the message names the file.
+    With `data.skip_bad_examples` such an example is replaced (`skip_unreadable`)."""
+
+
+class _SkipUnreadable:
+    """index -> the example at `index`, or, if its file is unreadable, the next readable one
+    of the split (index + 1, index + 2, ... cyclically), each skip logged and counted."""
+
+    def __init__(self, records: Sequence[Any], decode: Callable[[Any], dict]):
+        self.records, self.decode = records, decode
+        self.num_skipped = 0  # in this process (each grain worker counts its own)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        for offset in range(len(self.records)):
+            try:
+                return self.decode(self.records[(int(index) + offset) % len(self.records)])
+            except UnreadableExampleError as error:
+                self.num_skipped += 1
+                logging.warning(
+                    "Skipped an unreadable example (data.skip_bad_examples=True; %d skipped "
+                    "in this process so far): %s",
+                    self.num_skipped,
+                    error,
+                )
+        raise ValueError(f"no example of the {len(self.records)} can be read")
+
+
+def skip_unreadable(source: DataSource) -> DataSource:
+    """`source` whose unreadable examples (corrupt image bytes, found only when read) are
+    replaced by the next readable example in split order, so every batch stays whole and the
+    stream stays a pure function of the position (exactly resumable)."""
+    decode = _SkipUnreadable(source.records, source.decode)
+    return dataclasses.replace(source, records=np.arange(len(source)), decode=decode)

@@ -6,6 +6,7 @@ data set is not prepared, or was prepared in another file format, `load_tfds_spl
 raises a FileNotFoundError that gives the exact command to prepare it.
 """
 
+import dataclasses
 import functools
 
 import ml_collections
@@ -13,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import image_ops
+from diffusion_jax.data.caption_templates import DIGIT_NAMES
 from diffusion_jax.data.sources import DataSource
 
 CELEB_A_CROP = 140  # score_sde's central crop of the 218x178 CelebA faces
@@ -67,11 +69,23 @@ def load_tfds_split(tfds_name: str, *, split: str, data_dir: str | None):
         raise _not_prepared_error(builder, data_dir) from error
 
 
-class _DecodeTfdsImage:
-    """TFDS record -> {"x": uint8 [S, S, C], "label": int32}, cropped/padded/resized."""
+def caption_text(value, *, feature: str) -> str:
+    """A TFDS Text feature's value (bytes, str or a 0-d array of either) as a str."""
+    value = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"data.caption_feature={feature!r} holds {value!r}, not one text")
 
-    def __init__(self, *, size: int, mode: str, has_labels: bool):
+
+class _DecodeTfdsImage:
+    """TFDS record -> {"x": uint8 [S, S, C], "label": int32, "text": str}, cropped, padded or
+    resized ("shorter_side": resized so that the shorter side is S, for random crops)."""
+
+    def __init__(self, *, size: int, mode: str, has_labels: bool, caption_feature: str = ""):
         self.size, self.mode, self.has_labels = size, mode, has_labels
+        self.caption_feature = caption_feature
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         image = np.asarray(record["image"])
@@ -83,11 +97,28 @@ class _DecodeTfdsImage:
             )
         elif self.mode == "pad":
             image = image_ops.pad_to_size(image, size=self.size)
+        elif self.mode == "shorter_side":
+            image = image_ops.resize_shorter_side(image, size=self.size)
         else:
             image = image_ops.center_crop_and_resize(image, size=self.size)
+        example = {"x": image}
         if self.has_labels:
-            return {"x": image, "label": np.int32(record["label"])}
-        return {"x": image}
+            example["label"] = np.int32(record["label"])
+        if self.caption_feature:
+            text = record[self.caption_feature]
+            example["text"] = caption_text(text, feature=self.caption_feature)
+        return example
+
+
+def _check_caption_feature(features, name: str, tfds_name: str) -> None:
+    """ValueError naming `data.caption_feature` unless `name` is a Text feature."""
+    is_text = lambda feature: isinstance(feature, tfds.features.Text)
+    texts = sorted(key for key, feature in features.items() if is_text(feature))
+    if name not in features or not is_text(features[name]):
+        raise ValueError(
+            f"data.caption_feature={name!r} is not a text feature of {tfds_name!r}; allowed: "
+            f"{texts} (its features: {sorted(features)})"
+        )
 
 
 def _tfds_image_source(
@@ -102,14 +133,24 @@ def _tfds_image_source(
             f"whose images have {image_channels} channel(s); allowed: {image_channels}"
         )
     num_classes = features["label"].num_classes if "label" in features else None
+    class_names = tuple(features["label"].names) if "label" in features else None
+    caption_feature = data_config.caption_feature
+    if caption_feature:
+        _check_caption_feature(features, caption_feature, tfds_name)
+    if mode == "resize" and data_config.random_crop:
+        mode = "shorter_side"
     size = data_config.image_size
-    decode = _DecodeTfdsImage(size=size, mode=mode, has_labels=num_classes is not None)
-    return DataSource(records, decode, (size, size, image_channels), num_classes)
+    decode = _DecodeTfdsImage(size=size, mode=mode, has_labels=num_classes is not None,
+                              caption_feature=caption_feature)  # fmt: skip
+    return DataSource(records, decode, (size, size, image_channels), num_classes, class_names,
+                      has_captions=bool(caption_feature))  # fmt: skip
 
 
 def build_tfds(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
     """Any TFDS image data set `data.tfds_name` with an "image" (and optional "label")
-    feature, center-cropped to a square and resized to `data.image_size`."""
+    feature, center-cropped to a square and resized to `data.image_size` (or, with
+    `data.random_crop`, resized to that shorter side for a random crop); with
+    `data.caption_feature`, that Text feature is each example's caption, "text"."""
     return _tfds_image_source(data_config, split, tfds_name=data_config.tfds_name, mode="resize")
 
 
@@ -119,10 +160,11 @@ build_celeb_a = functools.partial(_tfds_image_source, tfds_name="celeb_a", mode=
 
 def build_mnist(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
     """MNIST 28x28x1, zero-padded to `data.image_size` (32: so that U-Nets halve it cleanly
-    down to 4x4; 28 keeps the native size)."""
+    down to 4x4; 28 keeps the native size); classes named "zero" ... "nine"."""
     if data_config.image_size < MNIST_NATIVE_SIZE:
         raise ValueError(
             f"data.image_size={data_config.image_size} is not allowed for mnist; "
             f"allowed: sizes >= {MNIST_NATIVE_SIZE} (32 pads 2 black pixels on each side)"
         )
-    return _tfds_image_source(data_config, split, tfds_name="mnist", mode="pad")
+    source = _tfds_image_source(data_config, split, tfds_name="mnist", mode="pad")
+    return dataclasses.replace(source, class_names=DIGIT_NAMES)  # TFDS names them "0" ... "9"

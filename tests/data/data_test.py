@@ -32,6 +32,12 @@ def _config(**overrides) -> ml_collections.ConfigDict:
         num_workers=0,
         train_split="train",
         eval_split="test",
+        random_crop=False,
+        caption_column="text",
+        caption_feature="",
+        caption_templates=(),
+        caption_dropout=0.0,
+        skip_bad_examples=False,
     )
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)

@@ -18,6 +18,12 @@ def _config(size=32, channels=3):
             "use_labels": False,
             "num_classes": 0,
             "random_flip": False,
+            "random_crop": False,
+            "caption_column": "text",
+            "caption_feature": "",
+            "caption_templates": (),
+            "caption_dropout": 0.0,
+            "skip_bad_examples": False,
         }  # fmt: skip
     )
 
