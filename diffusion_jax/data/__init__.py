@@ -2,7 +2,9 @@
 
 `make_dataset(data_config, split=..., seed=..., global_batch_size=...)` returns a
 `DataIterator` of {"x": float32 [B, ...] in [-1, 1], "label": int32 [B]} with exact
-`get_state`/`set_state`. `DATASETS` maps the names allowed in `data.name` to builders.
+`get_state`/`set_state`; of captioned data (`captioned_folder.py`, a TFDS text feature,
+`caption_templates.py`), also "input_ids" from a tokenizer handed to it and "text"
+(`captions.py`). `DATASETS` maps the names allowed in `data.name` to builders.
 """
 
 from diffusion_jax.data.pipeline import (
@@ -12,7 +14,13 @@ from diffusion_jax.data.pipeline import (
     make_eval_dataset,
     shard_positions,
 )
-from diffusion_jax.data.registry import DATASETS, DatasetInfo, build_source, dataset_info
+from diffusion_jax.data.registry import (
+    DATASETS,
+    DatasetInfo,
+    build_source,
+    check_options,
+    dataset_info,
+)
 from diffusion_jax.data.sources import DataSource
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "DataSource",
     "DatasetInfo",
     "build_source",
+    "check_options",
     "dataset_info",
     "local_batch_size",
     "make_dataset",

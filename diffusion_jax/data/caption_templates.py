@@ -2,12 +2,12 @@
 `data.caption_templates = ("a handwritten digit {name}", "the number {label}")` captions a
 digits seven as "a handwritten digit seven" or "the number 7".
 
-`{name}` is the class name the data set gives (digits and mnist: "zero" ... "nine"; cifar10
-and other TFDS data sets: their ClassLabel names, "airplane" ...; an image folder: the
-subfolder's name), `{label}` the class index. Each time an example is met (each position n of
-the stream, so afresh every epoch) one template is drawn uniformly by a Philox generator keyed
-by (the stream's seed, n): the captions are a pure function of the position, and a resumed
-iterator repeats them exactly.
+`{name}` is the class name of the data set (digits and mnist: "zero" ... "nine"; cifar10:
+"airplane" ... "truck"; other TFDS data sets: their ClassLabel names, or "0", "1", ... where
+they have none; an image folder: the subfolder's name), `{label}` the class index. Each time
+an example is met (each position n of the stream, so afresh every epoch) one template is drawn
+uniformly by a Philox generator keyed by (the stream's seed, n): the captions are a pure
+function of the position, and a resumed iterator repeats them exactly.
 """
 
 import string
@@ -16,16 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# CIFAR-10's classes in label order (batches.meta.txt; TFDS has them only in prepared data)
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck")  # fmt: skip
 PLACEHOLDERS = ("name", "label")
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     """`templates` as a tuple, after checking each is a non-empty string whose only
     placeholders are {name} and {label}; ValueError naming `data.caption_templates`."""
-    if isinstance(templates, str):
-        raise ValueError(
-            f"data.caption_templates={templates!r} is one string; allowed: a tuple of templates"
-        )
     for template in templates:
         if not isinstance(template, str) or not template.strip():
             raise ValueError(

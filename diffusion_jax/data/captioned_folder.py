@@ -149,20 +149,28 @@ def _caption_file_captions(
     return captions, problems
 
 
-def _report(problems: list[str], *, skip: bool, root: os.PathLike) -> None:
-    """Raise the first problem (saying how many more), or with `skip` log them in one line."""
-    if not problems:
+_REPORTED_FOLDERS: set[str] = set()  # each folder's left-out examples are logged once
+
+
+def _report(problems: list[str], *, skip: bool, root: os.PathLike, kept: int) -> None:
+    """Raise the first problem (saying how many more), or with `skip` log them in one line,
+    once per folder (a run builds its source more than once)."""
+    if not problems or (skip and str(root) in _REPORTED_FOLDERS):
         return
     more = len(problems) - 1
     if not skip:
         others = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise ValueError(f"{problems[0]}{others}; data.skip_bad_examples=True leaves them out")
+    _REPORTED_FOLDERS.add(str(root))
     shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + ("; ..." if more >= _SHOWN_PROBLEMS else "")
     logging.warning(
-        "Left out %d example%s of %s (data.skip_bad_examples=True): %s",
+        "%s: %d problem%s, their images left out (data.skip_bad_examples=True), %d captioned "
+        "image%s kept: %s",
+        root,
         len(problems),
         "s" * (len(problems) > 1),
-        root,
+        kept,
+        "s" * (kept != 1),
         shown,
     )
 
@@ -181,9 +189,9 @@ def build_captioned_folder(data_config: ml_collections.ConfigDict, split: str) -
         captions, problems = _metadata_captions(root, images, data_config.caption_column)
     else:
         captions, problems = _caption_file_captions(root, images, others)
-    _report(problems, skip=data_config.skip_bad_examples, root=root)
     records = [(str(path), captions[_relative(path, root)]) for path in images
                if _relative(path, root) in captions]  # fmt: skip
+    _report(problems, skip=data_config.skip_bad_examples, root=root, kept=len(records))
     if not records:
         raise ValueError(f"data.folder_path={str(root)!r}: no image has a usable caption")
     size, channels = data_config.image_size, data_config.num_channels

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import image_ops
-from diffusion_jax.data.caption_templates import DIGIT_NAMES
+from diffusion_jax.data.caption_templates import CIFAR10_NAMES, DIGIT_NAMES
 from diffusion_jax.data.sources import DataSource
 
 CELEB_A_CROP = 140  # score_sde's central crop of the 218x178 CelebA faces
@@ -154,7 +154,12 @@ def build_tfds(data_config: ml_collections.ConfigDict, split: str) -> DataSource
     return _tfds_image_source(data_config, split, tfds_name=data_config.tfds_name, mode="resize")
 
 
-build_cifar10 = functools.partial(_tfds_image_source, tfds_name="cifar10", mode="resize")
+def build_cifar10(data_config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """CIFAR-10, resized to `data.image_size`; classes named "airplane" ... "truck"."""
+    source = _tfds_image_source(data_config, split, tfds_name="cifar10", mode="resize")
+    return dataclasses.replace(source, class_names=CIFAR10_NAMES)
+
+
 build_celeb_a = functools.partial(_tfds_image_source, tfds_name="celeb_a", mode="celeb_a")
 
 

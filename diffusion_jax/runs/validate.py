@@ -1,16 +1,18 @@
 """Checks across config sections, before any work starts.
 
 Each section's own options are checked where they are read (models, data, losses,
-samplers); here are the choices of the training loop and the agreements between sections
-(the model's input is the data's shape, its classes the data's labels, a learned variance
-the model's doubled output). Every error is a `ValueError` naming the option and what is
-allowed.
+samplers; the data options that need no data set are checked here too, through
+`data.check_options`, so that a run stops before any work); here are the choices of the
+training loop and the agreements between sections (the model's input is the data's shape,
+its classes the data's labels, a learned variance the model's doubled output). Every error
+is a `ValueError` naming the option and what is allowed.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from diffusion_jax import data
 from diffusion_jax.diffusion import losses, timestep_sampling
 from diffusion_jax.diffusion.process import VARIANCE_TYPES
 from diffusion_jax.diffusion.vlb import DECODERS
@@ -175,5 +177,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a ValueError naming the first inconsistent option of a run config."""
     check_loop(config)
     check_diffusion(config)
+    data.check_options(config.data)  # crops, captions, skipping: each error names its key
     check_model_matches_data(config)
     check_sampling(config)
