@@ -5,7 +5,10 @@ HuggingFace's imagefolder:
   image's path relative to the folder, e.g. "cats/a.png") and a caption column
   (`data.caption_column`, "text" by default); blank lines are passed over;
 - or, without metadata.jsonl, `NAME.txt` beside each image `NAME.png` / `NAME.jpg`: the file's
-  text, surrounding whitespace stripped, is the caption.
+  UTF-8 text is the caption.
+
+Captions are stripped of surrounding whitespace. Only the top-level metadata.jsonl is read
+(not metadata.csv, nor metadata files in subfolders).
 
 Images are found, read and cropped as by the "folder" source (`folder.py`; no class labels).
 Examples come in sorted order of their paths, whatever the order of metadata.jsonl.

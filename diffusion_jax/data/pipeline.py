@@ -229,6 +229,20 @@ def _stream_identity(data_config, source: DataSource, **arguments) -> dict[str, 
     return identity
 
 
+def _caption_batches(
+    batches: grain.MapDataset, *, has_captions: bool, tokenizer: Tokenizer | None, keep_text: bool
+) -> tuple[grain.MapDataset, tuple[str, ...]]:
+    """`batches` with "input_ids" where captions and a tokenizer exist; the caption keys the
+    iterator yields ("text" only with `keep_text`: strings are not JAX types)."""
+    if not has_captions:
+        return batches, ()
+    passed_keys = ("text",) if keep_text else ()
+    if tokenizer is not None:
+        batches = batches.map(TokenizeCaptions(tokenizer))
+        passed_keys += ("input_ids",)
+    return batches, passed_keys
+
+
 def make_dataset(
     data_config: ml_collections.ConfigDict,
     *,
@@ -278,11 +292,10 @@ def make_dataset(
         process_index=process_index,
         process_count=process_count,
     )
-    has_captions = source.has_captions or bool(data_config.caption_templates)
-    passed_keys = ("text",) if has_captions and keep_text else ()
-    if has_captions and tokenizer is not None:
-        batches = batches.map(TokenizeCaptions(tokenizer))
-        passed_keys += ("input_ids",)
+    batches, passed_keys = _caption_batches(
+        batches, has_captions=source.has_captions or bool(data_config.caption_templates),
+        tokenizer=tokenizer, keep_text=keep_text,
+    )  # fmt: skip
     identity = _stream_identity(data_config, source, split=split, seed=seed, shuffle=shuffle,
                                 global_batch_size=global_batch_size)  # fmt: skip
     return DataIterator(

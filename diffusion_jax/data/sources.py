@@ -25,7 +25,8 @@ class DataSource:
       records: random-access raw records (a tfds data source, an array, a list of paths).
       decode: raw record -> {"x": [H, W, C] in [0, 255] or [2], "label": int32 []}.
         Must be picklable (module-level functions or classes) for grain worker processes.
-      example_shape: shape of `x`, e.g. (32, 32, 3) or (2,).
+      example_shape: shape of `x`, e.g. (32, 32, 3) or (2,); with `data.random_crop`, the
+        shape after the pipeline's crop (`decode` gives [H, W, C] with min(H, W) = S).
       num_classes: number of classes, or None if the data set has no class labels.
       class_names: the name of each class ("seven", "airplane"), for templated captions;
         None where the data set names none.
