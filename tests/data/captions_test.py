@@ -431,3 +431,25 @@ def test_templates_need_labels_and_a_run_config_is_validated_at_start_up(tmp_pat
     config.data.caption_dropout = -0.1
     with pytest.raises(ValueError, match=r"^data.caption_dropout=-0.1; allowed"):
         validate.validate(config)
+
+
+@pytest.mark.slow
+def test_worker_processes_yield_the_same_captions_and_input_ids(tmp_path):
+    """Every caption stage (decoding, dropout, the tokenizer) is picklable for grain workers."""
+    _images(tmp_path, [f"{index}.png" for index in range(6)], size=(8, 12))
+    for index in range(6):
+        (tmp_path / f"{index}.txt").write_text(f"photo {index}")
+    make = lambda workers: data.make_dataset(
+        _config(folder_path=str(tmp_path), random_crop=True, caption_dropout=0.5,
+                skip_bad_examples=True, num_workers=workers),
+        split="train", seed=1, global_batch_size=4, tokenizer=TOKENIZER, keep_text=True,
+    )  # fmt: skip
+    in_process, with_workers = make(0), make(1)
+    try:
+        for _ in range(4):
+            expected, actual = next(in_process), next(with_workers)
+            np.testing.assert_array_equal(actual["x"], expected["x"])
+            assert list(actual["text"]) == list(expected["text"])
+            np.testing.assert_array_equal(actual["input_ids"], expected["input_ids"])
+    finally:
+        with_workers.close()
