@@ -71,7 +71,7 @@ def params_from_state_dict(
         value = _to_flax_layout(found, path[-1], tuple(leaf.shape))
         if value.shape != tuple(leaf.shape):
             problems.append(
-                f"{name} has shape {found.shape}, expected {_torch_shape(path[-1], leaf.shape)}"
+                f"{name} has shape {found.shape}, expected {torch_shape(path[-1], leaf.shape)}"
             )
             continue
         flat[path] = value.astype(dtype)
@@ -84,7 +84,7 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(flat)
 
 
-def _torch_shape(leaf: str, shape) -> tuple[int, ...]:
+def torch_shape(leaf: str, shape) -> tuple[int, ...]:
     """The PyTorch-layout shape of one of our leaves, for error messages."""
     shape = tuple(shape)
     if leaf == "kernel" and len(shape) == 4:

@@ -171,7 +171,7 @@ def test_the_presets_have_transformers_names_and_shapes_at_full_size(preset):
         {name: tuple(value.shape) for name, value in theirs.state_dict().items()}
     )
     ours_shapes = {
-        torch_layout.torch_name(path): torch_layout._torch_shape(path[-1], leaf.shape)
+        torch_layout.torch_name(path): torch_layout.torch_shape(path[-1], leaf.shape)
         for path, leaf in traverse_util.flatten_dict(text.param_shapes(config)).items()
     }
     assert ours_shapes == theirs_shapes
