@@ -9,7 +9,9 @@
 writes OUT/image_<i>.png and OUT/settings.json (every setting, the sampler's options and the
 folder). `--init_noise FILE.npy` takes diffusers' initial `latents` ([N, h, w, C] NHWC, or
 NCHW as PyTorch saves them): the same file given to diffusers' StableDiffusionPipeline gives
-the same image. The Python function is `text_to_image.generate`, with the same arguments.
+the same image. `--lora FILE[:WEIGHT]` (repeatable) merges LoRA files (ours, diffusers',
+PEFT's or kohya's; `convert.lora_files`) into the U-Net and text encoder first. The Python
+function is `text_to_image.generate`, with the same arguments.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusion_jax.convert import diffusers_pipeline
+from diffusion_jax.convert import diffusers_pipeline, lora_files
 from diffusion_jax.runtime import images, storage
 from diffusion_jax.text_to_image import pipeline
+
+
+def lora_flag(value: str) -> tuple[str, float]:
+    """(path, weight) of a --lora value "FILE[:WEIGHT]" (a URL's scheme is not a weight)."""
+    path, separator, weight = value.rpartition(":")
+    try:
+        return (path, float(weight)) if separator else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,6 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--dtype", default="float32", help="U-Net and text encoder: float32 or bfloat16")
     add("--init_noise", default=None, help="diffusers' initial latents, a .npy file")
     add("--variant", default=None, help="weights variant of a diffusers folder, e.g. fp16")
+    add("--lora", action="append", default=[], type=lora_flag, metavar="FILE[:WEIGHT]",
+        help="a LoRA file or folder (diffusers, PEFT or kohya) merged at WEIGHT (default 1); "
+             "repeat the flag to combine several")  # fmt: skip
     add("--out", required=True, help="folder for the PNGs and settings.json")
     return parser.parse_args(argv)
 
@@ -64,6 +78,8 @@ def read_init_noise(path: str, count: int, shape: tuple[int, int, int]) -> np.nd
 def run(args: argparse.Namespace) -> list:
     """Generate and write the images of `args`; returns their paths."""
     weights = diffusers_pipeline.load_pipeline(args.pretrained, variant=args.variant)
+    if args.lora:
+        weights = lora_files.with_loras(weights, args.lora)
     default_size = weights.unet_config.sample_size * weights.vae_config.downsampling_factor
     options = pipeline.GenerationOptions(
         height=args.height or default_size, width=args.width or default_size,

@@ -26,16 +26,19 @@ the load with the key's name, nothing half-loaded.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 import struct as struct_lib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load, save
 
 from diffusion_jax.convert import torch_layout
+from diffusion_jax.convert.diffusers_pipeline import PipelineWeights
+from diffusion_jax.models import lora as lora_lib
 from diffusion_jax.models.lora import LoRA
 from diffusion_jax.runtime import storage
 
@@ -313,3 +316,23 @@ def save_lora(path: storage.PathLike, loras: Mapping[str, LoRA]) -> storage.Path
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, indent=2, sort_keys=True)}
     storage.write_bytes(path, save(tensors, metadata=metadata))
     return path
+
+
+# --- Text-to-image with LoRAs --------------------------------------------------------------
+
+
+def with_loras(
+    weights: PipelineWeights, files: Sequence[tuple[storage.PathLike, float]]
+) -> PipelineWeights:
+    """The pipeline's weights with each LoRA file merged into its U-Net and text encoder at
+    its weight (sum_k w_k (alpha_k / r_k) down_k up_k, `models.lora.merge`)."""
+    params = {"unet": weights.params["unet"], "text_encoder": weights.params["text_encoder"]}
+    adapters = {component: [] for component in params}
+    for path, weight in files:
+        for component, lora in load_lora(path, params).items():
+            adapters[component].append((lora, weight))
+    merged = {c: lora_lib.merge(params[c], adapters[c]) if adapters[c] else params[c]
+              for c in params}  # fmt: skip
+    sources = "".join(f" + LoRA {path} x {weight}" for path, weight in files)
+    return dataclasses.replace(weights, params={**weights.params, **merged},
+                               source=weights.source + sources)  # fmt: skip

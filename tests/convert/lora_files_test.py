@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from diffusion_jax import generate as generate_cli
 from diffusion_jax.convert import lora_files
 from diffusion_jax.models import conditional_unet, lora, text
 from tests import tiny_pipeline
@@ -338,3 +339,25 @@ def test_kohya_files_mean_what_diffusers_reads_them_as(tmp_path, folder, pipelin
     ours = lora_files.load_lora(path, {"unet": params["unet"],
                                        "text_encoder": params["text_encoder"]})  # fmt: skip
     _assert_close(_ours(pipeline_weights, [(ours, 1.0)]), _theirs(pipe))
+
+
+def test_with_loras_merges_each_file_at_its_weight(tmp_path, pipeline_weights):
+    """What `generate --lora A:0.5 --lora B` runs: both files merged at their weights, the
+    autoencoder untouched, the files named in the source."""
+    params = pipeline_weights.params
+    a = {"unet": random_lora(params["unet"], ("to_q",), rank=2, alpha=2.0, seed=20),
+         "text_encoder": random_lora(params["text_encoder"], ("v_proj",), rank=2, alpha=4.0,
+                                     seed=21, convolutions=False)}  # fmt: skip
+    b = {"unet": random_lora(params["unet"], ("to_q", "conv1"), rank=3, alpha=1.0, seed=22)}
+    files = [(lora_files.save_lora(tmp_path / "a", a), 0.5),
+             (lora_files.save_lora(tmp_path / "b", b), 1.0)]  # fmt: skip
+    merged = lora_files.with_loras(pipeline_weights, files)
+    expected_unet = lora.merge(params["unet"], [(a["unet"], 0.5), b["unet"]])
+    expected_text = lora.merge(params["text_encoder"], [(a["text_encoder"], 0.5)])
+    close = lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, merged.params["unet"], expected_unet)
+    jax.tree.map(close, merged.params["text_encoder"], expected_text)
+    assert merged.params["vae"] is params["vae"]
+    assert str(files[0][0]) in merged.source and "x 0.5" in merged.source
+    assert generate_cli.lora_flag(f"{files[0][0]}:0.5") == (str(files[0][0]), 0.5)
+    assert generate_cli.lora_flag("gs://bucket/lora") == ("gs://bucket/lora", 1.0)
