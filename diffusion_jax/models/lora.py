@@ -35,12 +35,13 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct, traverse_util
 
 # diffusers' DreamBooth-LoRA targets (train_dreambooth_lora.py): the attention projections
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out_0")
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
-INITS = ("gaussian", "zeros")
+INITS = ("gaussian", "kaiming")
 
 
 @struct.dataclass
@@ -111,8 +112,9 @@ def init_lora(
 ) -> LoRA:
     """A fresh LoRA of `rank` on the `targets` of `params`: up = 0, so that the adapted model
     starts as the base model, and down ~ N(0, 1 / rank^2) as diffusers' training scripts
-    (PEFT's ``init_lora_weights="gaussian"``), or zeros too (``init="zeros"``); alpha defaults
-    to the rank (scale 1, diffusers' default)."""
+    (PEFT's ``init_lora_weights="gaussian"``) or, with ``init="kaiming"``, PEFT's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform with a = sqrt 5); alpha defaults to
+    the rank (scale 1, diffusers' default)."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if init not in INITS:
@@ -123,10 +125,18 @@ def init_lora(
     for path, key in zip(modules, jax.random.split(rng, len(modules))):
         kernel = flat_params[(*path, "kernel")]
         *down_shape, d_out = kernel.shape
-        down = jax.random.normal(key, (*down_shape, rank), jnp.float32) / rank
-        flat[(*path, "down")] = down if init == "gaussian" else jnp.zeros_like(down)
+        flat[(*path, "down")] = _init_down(key, (*down_shape, rank), init)
         flat[(*path, "up")] = jnp.zeros((rank, d_out), jnp.float32)
     return LoRA(traverse_util.unflatten_dict(flat), float(rank if alpha is None else alpha), rank)
+
+
+def _init_down(key, shape: tuple[int, ...], init: str) -> jax.Array:
+    """down [..., d_in, r] drawn as `init_lora`'s docstring says."""
+    *fan, rank = shape
+    if init == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32) / rank
+    bound = 1.0 / np.sqrt(np.prod(fan))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def delta(down: jax.Array, up: jax.Array) -> jax.Array:

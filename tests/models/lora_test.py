@@ -164,9 +164,26 @@ def test_bad_input_is_named(unet_params):
         lora.target_modules(unet_params, "to_q")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         lora.init_lora(jax.random.key(0), unet_params, targets=("to_q",), rank=0)
-    with pytest.raises(ValueError, match=r"init='kaiming' is unknown"):
-        lora.init_lora(jax.random.key(0), unet_params, targets=("to_q",), rank=2, init="kaiming")
+    with pytest.raises(ValueError, match=r"init='orthogonal' is unknown"):
+        lora.init_lora(jax.random.key(0), unet_params, targets=("to_q",), rank=2,
+                       init="orthogonal")  # fmt: skip
     other = {"layer": {"kernel": jnp.zeros((3, 4))}}
     adapter = lora.init_lora(jax.random.key(0), other, targets=("layer",), rank=2)
     with pytest.raises(ValueError, match="LoRA module layer is not a layer of the model"):
         lora.merge(unet_params, adapter)
+
+
+@pytest.mark.parametrize("init, std", [("gaussian", 1 / 4), ("kaiming", None)])
+def test_initial_down_weights_have_the_documented_spread(unet_params, init, std):
+    """gaussian: N(0, 1/r^2); kaiming: U(+-1/sqrt(fan_in)), standard deviation
+    1/sqrt(3 fan_in); up zero either way."""
+    fresh = lora.init_lora(jax.random.key(5), unet_params, targets=("to_q", "conv1"), rank=4,
+                           convolutions=True, init=init)  # fmt: skip
+    for path, value in traverse_util.flatten_dict(fresh.weights).items():
+        if path[-1] == "up":
+            assert not np.any(np.asarray(value))
+            continue
+        expected = std or 1 / np.sqrt(3 * np.prod(value.shape[:-1]))
+        assert abs(float(np.std(value)) / expected - 1) < 0.25, (path, float(np.std(value)))
+        if init == "kaiming":
+            assert float(np.max(np.abs(value))) <= np.sqrt(3) * expected
