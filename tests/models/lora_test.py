@@ -117,6 +117,7 @@ def test_merge_is_linear_in_the_adapter_weights_and_unmerge_inverts_it(unet_para
     np.testing.assert_allclose(change, expected, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the U-Net's gradient
 def test_training_moves_only_the_adapters_and_starts_through_up(unet_params):
     """With up = 0 at the start, d loss / d down = 0 and d loss / d up != 0 (the change is
     bilinear); a few Adam steps on the adapters alone lower the loss, the base untouched."""
