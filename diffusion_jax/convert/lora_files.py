@@ -171,8 +171,8 @@ def _module_scale(entry: dict, name: str, rank: int, config: Mapping) -> float:
 
 
 def _layout(down: np.ndarray, up: np.ndarray, kernel_shape) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's A [r, in(, kh, kw)] and B [out, r(, 1, 1)] as our down and up (a 1x1
-    convolution's adapter on a layer we keep linear, as SD 1's proj_in, squeezed)."""
+    """PyTorch's A [r, in(, kh, kw)] and B [out, r(, 1, 1)] as our down and up (the adapter
+    of a 1x1 convolution that our model holds as a linear layer is squeezed)."""
     if up.ndim == 4 and up.shape[2:] == (1, 1):
         up = up[:, :, 0, 0]
     if down.ndim == 4 and len(kernel_shape) == 2 and down.shape[2:] == (1, 1):
