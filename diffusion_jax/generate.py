@@ -10,7 +10,8 @@ writes OUT/image_<i>.png and OUT/settings.json (every setting, the sampler's opt
 folder). `--init_noise FILE.npy` takes diffusers' initial `latents` ([N, h, w, C] NHWC, or
 NCHW as PyTorch saves them): the same file given to diffusers' StableDiffusionPipeline gives
 the same image. `--lora FILE[:WEIGHT]` (repeatable) merges LoRA files (ours, diffusers',
-PEFT's or kohya's; `convert.lora_files`) into the U-Net and text encoder first. The Python
+PEFT's or kohya's; `convert.lora_files`) into the U-Net and text encoder first, and
+`--textual_inversion FILE[:TOKEN]` adds a learned token (`convert.textual_inversion`). The Python
 function is `text_to_image.generate`, with the same arguments.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusion_jax.convert import diffusers_pipeline, lora_files
+from diffusion_jax.convert import diffusers_pipeline, lora_files, textual_inversion
 from diffusion_jax.runtime import images, storage
 from diffusion_jax.text_to_image import pipeline
 
@@ -37,6 +38,12 @@ def lora_flag(value: str) -> tuple[str, float]:
         return (path, float(weight)) if separator else (value, 1.0)
     except ValueError:
         return value, 1.0
+
+
+def textual_inversion_flag(value: str) -> tuple[str, str | None]:
+    """(path, token or None) of a --textual_inversion value "FILE[:TOKEN]"."""
+    path, separator, token = value.rpartition(":")
+    return (path, token) if separator and "/" not in token and token else (value, None)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -59,6 +66,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--lora", action="append", default=[], type=lora_flag, metavar="FILE[:WEIGHT]",
         help="a LoRA file or folder (diffusers, PEFT or kohya) merged at WEIGHT (default 1); "
              "repeat the flag to combine several")  # fmt: skip
+    add("--textual_inversion", action="append", default=[], type=textual_inversion_flag,
+        metavar="FILE[:TOKEN]", help="a Textual Inversion embedding (safetensors), its token "
+        "named TOKEN (default: the name in the file); repeatable")  # fmt: skip
     add("--out", required=True, help="folder for the PNGs and settings.json")
     return parser.parse_args(argv)
 
@@ -80,6 +90,8 @@ def run(args: argparse.Namespace) -> list:
     weights = diffusers_pipeline.load_pipeline(args.pretrained, variant=args.variant)
     if args.lora:
         weights = lora_files.with_loras(weights, args.lora)
+    if args.textual_inversion:
+        weights = textual_inversion.with_textual_inversions(weights, args.textual_inversion)
     default_size = weights.unet_config.sample_size * weights.vae_config.downsampling_factor
     options = pipeline.GenerationOptions(
         height=args.height or default_size, width=args.width or default_size,

@@ -140,6 +140,39 @@ class CLIPTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self.tokenizer = tokenizer
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token,
+                               "pad_token": pad_token, "max_length": max_length}  # fmt: skip
+        self.source = source
+        self.multi_vector_tokens: dict[str, str] = {}  # "<t>" -> "<t> <t>_1 <t>_2"
+
+    def vocab_size(self) -> int:
+        """The number of ids, added tokens included."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def with_tokens(self, tokens: dict[str, int]) -> CLIPTokenizer:
+        """A copy with new tokens, each {token: number of vectors}, as transformers'
+        `add_tokens` adds them (not split, matched after normalisation); a token of n > 1
+        vectors gets n ids, "t", "t_1", ... "t_{n-1}", and a prompt's "t" stands for all n
+        (diffusers' `maybe_convert_prompt`). Their ids follow the vocabulary's in order."""
+        copy = CLIPTokenizer(Tokenizer.from_str(self.tokenizer.to_str()), **self.special_tokens,
+                             source=self.source)  # fmt: skip
+        copy.multi_vector_tokens = dict(self.multi_vector_tokens)
+        for token, count in tokens.items():
+            names = [token] + [f"{token}_{i}" for i in range(1, count)]
+            taken = [name for name in names if self.tokenizer.token_to_id(name) is not None]
+            if taken:
+                raise ValueError(f"{self.source}: the tokens {taken} are in the vocabulary already")
+            for name in names:  # one at a time: ids in this order
+                copy.tokenizer.add_tokens([AddedToken(name, normalized=True, special=False)])
+            if count > 1:
+                copy.multi_vector_tokens[token] = " ".join(names)
+        return copy
+
+    def expand_prompt(self, prompt: str) -> str:
+        """`prompt` with each multi-vector token standing for its n tokens (`with_tokens`)."""
+        for token, expansion in self.multi_vector_tokens.items():
+            prompt = prompt.replace(token, expansion)
+        return prompt
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path) -> CLIPTokenizer:
@@ -166,7 +199,8 @@ class CLIPTokenizer:
         """[N, max_length] int32 token ids of `prompts` (a list of strings)."""
         if isinstance(prompts, str):
             raise TypeError("CLIPTokenizer takes a list of prompts, not one string")
-        encodings = self.tokenizer.encode_batch(list(prompts))
+        prompts = [self.expand_prompt(prompt) for prompt in prompts]
+        encodings = self.tokenizer.encode_batch(prompts)
         out = np.full((len(encodings), self.max_length), self.pad_token_id, np.int32)
         for row, (prompt, encoding) in enumerate(zip(prompts, encodings)):
             ids = encoding.ids  # bos, tokens, eos
