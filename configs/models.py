@@ -140,7 +140,7 @@ def text_unet() -> ml_collections.ConfigDict:
     model.norm_num_groups = 8
     model.use_linear_projection = True
     text = ml_collections.ConfigDict()
-    text.vocab_size = 1024  # at least the tokenizer's (the digits captions': 568)
+    text.vocab_size = 1024  # at least the tokenizer's (the digits captions': 561)
     text.hidden_size = 32
     text.intermediate_size = 128
     text.num_hidden_layers = 2

@@ -64,6 +64,7 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> CLIPTokenizer:
     elif config.data.caption_templates:
         captions = tuple(template_captions(config))
         tokenizer = _corpus_tokenizer(captions, text.max_position_embeddings)
+        _check_captions_fit(captions, tokenizer, "model.text_encoder.max_position_embeddings")
     else:
         raise ValueError(
             "model.text_encoder.tokenizer_path is empty and data.caption_templates=(): no "
@@ -82,6 +83,16 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> CLIPTokenizer:
             f"allowed: >= {tokenizer.max_length}"
         )
     return tokenizer
+
+
+def _check_captions_fit(captions, tokenizer: CLIPTokenizer, option: str) -> None:
+    """Every caption's tokens, bos and eos included, within the tokenizer's length."""
+    longest = max(len(tokenizer.tokenizer.encode(caption).ids) for caption in captions)
+    if longest > tokenizer.max_length:
+        raise ValueError(
+            f"{option}={tokenizer.max_length} is shorter than the longest caption of "
+            f"data.caption_templates ({longest} tokens with bos and eos); allowed: >= {longest}"
+        )
 
 
 def null_ids(tokenizer: CLIPTokenizer) -> np.ndarray:
