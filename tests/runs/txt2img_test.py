@@ -213,7 +213,7 @@ def test_a_frozen_text_encoder_stays_at_its_init_and_the_run_samples_and_evaluat
     config = _tiny(
         model={"text_encoder.trainable": False},
         training={"num_steps": 3, "checkpoint_every": 3, "log_every": 3},
-        eval={"num_samples": 20, "batch_size": 10, "num_steps": (2,), "guidance_scales": (1, 2)},
+        eval={"num_samples": 16, "batch_size": 8, "num_steps": (2,), "guidance_scales": (1, 2)},
     )
     state = train.train_and_evaluate(config, str(tmp_path))
     model, tx, _ = restore.build_model_and_optimizer(config)
