@@ -230,6 +230,9 @@ def test_a_frozen_text_encoder_stays_at_its_init_and_the_run_samples_and_evaluat
     assert any(np.any(a != b) for a, b in unet_pairs)
     path = sample.sample(config, str(tmp_path))
     assert path.exists()
+    with np.load(tmp_path / "samples" / "sample_3.npz") as arrays:
+        assert list(arrays["prompts"][:11]) == [f"the number {n % 10}" for n in range(11)]
+        assert arrays["samples"].shape == (16, 8, 8, 1)
     report = evaluate.evaluate(config, str(tmp_path))
     scales = [entry["guidance_scale"] for entry in report["prompt_accuracy"]]
     assert scales == [1.0, 2.0]
