@@ -17,7 +17,9 @@ configs/digits.py otherwise (linear betas, T = 1000, eps-prediction, Adam with w
 0.999), sampled with 50 DDIM steps. `--config.model.text_encoder.trainable=False` keeps the
 encoder at its initialisation (or at `model.text_encoder.pretrained`) and out of the
 optimizer. `--mode eval` classifies samples of "the number k", k = 0..9, with the digits
-classifier at each of `eval.guidance_scales` (docs/text_to_image.md has the measurement).
+classifier at each of `eval.guidance_scales`: after 6,000 steps (27 minutes on two busy CPU
+cores) 98.4% of samples show the prompted digit without guidance, 100% at scales 1.5 to 5
+(docs/text_to_image.md).
 """
 
 from configs import default, models
