@@ -4,6 +4,7 @@ scale 1 as the conditional model alone, bad options named, and tiny runs end to 
 bitwise, a frozen text encoder left unchanged and out of the optimizer, sampled and
 evaluated)."""
 
+import dataclasses
 import json
 
 import jax
@@ -239,3 +240,49 @@ def test_a_frozen_text_encoder_stays_at_its_init_and_the_run_samples_and_evaluat
     assert all(0.0 <= entry["accuracy"] <= 1.0 for entry in report["prompt_accuracy"])
     written = json.loads((tmp_path / "eval" / "step_3_ema_0.999.json").read_text())
     assert len(written["prompt_accuracy"][0]["per_class_accuracy"]) == 10
+
+
+def _write_text_encoder(folder, config, seed: int):
+    """A transformers CLIPTextModel folder of random parameters; returns them."""
+    from safetensors.numpy import save_file
+
+    from diffusion_jax.convert import torch_layout
+    from diffusion_jax.models import text
+
+    params = _perturbed(text.init_params(config, jax.random.key(seed)))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config.to_transformers()))
+    save_file(torch_layout.state_dict_from_params(params), str(folder / "model.safetensors"))
+    return params
+
+
+def test_a_pretrained_text_encoder_and_a_tokenizer_folder_are_read(tmp_path):
+    config = _tiny(model={"text_encoder.trainable": False})
+    ours = models.text_encoder_config(config.model)
+    loaded = _write_text_encoder(tmp_path / "text_encoder", ours, seed=1)
+    with config.unlocked():
+        config.model.text_encoder.pretrained = str(tmp_path / "text_encoder")
+    model, tx, _ = restore.build_model_and_optimizer(config)
+    state = build.make_create_fn(config, model, tx)(jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params["text_encoder"])):
+        np.testing.assert_array_equal(a, b)
+    other = dataclasses.replace(ours, intermediate_size=48)
+    _write_text_encoder(tmp_path / "other", other, seed=2)
+    with config.unlocked():
+        config.model.text_encoder.pretrained = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="model.text_encoder.pretrained=.*another architecture"):
+        build.make_create_fn(config, model, tx)(jax.random.key(0))
+    # a tokenizer folder: CLIP's 77 tokens need as many positions
+    from tests import clip_vocabulary
+
+    folder = clip_vocabulary.write_tokenizer_folder(
+        tmp_path / "tokenizer", clip_vocabulary.clip_vocabulary(), pad_token="<|endoftext|>"
+    )
+    with config.unlocked():
+        config.model.text_encoder.tokenizer_path = str(folder)
+    with pytest.raises(ValueError, match=r"max_position_embeddings=16 is shorter.*>= 77"):
+        text_conditioning.make_tokenizer(config)
+    with config.unlocked():
+        config.model.text_encoder.max_position_embeddings = 77
+    tokenizer = text_conditioning.make_tokenizer(config)
+    assert tokenizer(["a photo of a cat"]).shape == (1, 77)
