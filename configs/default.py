@@ -216,7 +216,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     if config.model.name == "mlp":
         config.model.hidden_size = 64
         config.model.num_layers = 2
-    elif config.model.name == "text_unet":  # 60K parameters, text encoder included
+    elif config.model.name == "text_unet":  # a 200K-parameter U-Net, a 19K-parameter encoder
         config.model.block_out_channels = (16, 32)
         config.model.attention_head_dim = 2
         config.model.cross_attention_dim = config.model.text_encoder.hidden_size = 16

@@ -29,11 +29,12 @@ from diffusion_jax.data.caption_templates import class_names_or_numbers
 from diffusion_jax.models.text import CLIPTokenizer, vocabulary
 
 NULL_CAPTION = ""
+TEXT_MODEL = "text_unet"  # the `model.name` of a text-conditional model
 TEXT_ENCODER = "text_encoder"  # its parameters' key in the model's tree
 
 
 def uses_text(config: ml_collections.ConfigDict) -> bool:
-    return config.model.name == "text_unet"
+    return config.model.name == TEXT_MODEL
 
 
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from diffusion_jax import data
 from diffusion_jax.diffusion import losses, timestep_sampling
 from diffusion_jax.diffusion.process import VARIANCE_TYPES
 from diffusion_jax.diffusion.vlb import DECODERS
+from diffusion_jax.runs.text_conditioning import TEXT_MODEL
 from diffusion_jax.runtime import parallel
 
 
@@ -170,9 +171,6 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
             f"sampling.guidance_scale={guidance}: classifier-free guidance needs a "
             "class-conditional model, but model.num_classes=0; allowed: 1.0 (no guidance)"
         )
-
-
-TEXT_MODEL = "text_unet"
 
 
 def check_text_model(config: ml_collections.ConfigDict) -> None:
