@@ -129,6 +129,8 @@ def sampling_config() -> ml_collections.ConfigDict:
     sampling.ema_index = 0  # which of training.ema_decays to sample from; -1: raw params
     sampling.seed = 1
     sampling.label = -1  # class of conditional samples; -1: cycle through the classes
+    # prompts of a text-conditional model (model.name="text_unet"), image n has prompt n % P
+    sampling.prompts = ()
     return sampling
 
 
@@ -156,6 +158,12 @@ def eval_config() -> ml_collections.ConfigDict:
     # False: ~2e-3 nats/dim on DDPM's schedule, below the 0.01 bits/dim papers report
     eval_.ode_step_to_kinks = False
     eval_.seed = 0
+    # --mode eval of a text-conditional model on labelled data: the accuracy of
+    # eval.prompt_classifier on eval.num_samples samples of this prompt, class n % K for
+    # sample n, at each of eval.guidance_scales ({name} / {label}: the class's name / index)
+    eval_.prompt_template = "the number {label}"
+    eval_.guidance_scales = ()
+    eval_.prompt_classifier = "digits"  # the digits classifier of diffusion_jax.evaluation
     return eval_
 
 
@@ -208,6 +216,13 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     if config.model.name == "mlp":
         config.model.hidden_size = 64
         config.model.num_layers = 2
+    elif config.model.name == "text_unet":  # a 200K-parameter U-Net, a 19K-parameter encoder
+        config.model.block_out_channels = (16, 32)
+        config.model.attention_head_dim = 2
+        config.model.cross_attention_dim = config.model.text_encoder.hidden_size = 16
+        config.model.text_encoder.intermediate_size = 32
+        config.model.text_encoder.num_hidden_layers = 1
+        config.model.text_encoder.num_attention_heads = 2
     else:
         kept = config.model  # its input: the data's images, or a latent run's latents
         num_classes, learn_sigma = kept.num_classes, kept.learn_sigma

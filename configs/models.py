@@ -122,3 +122,36 @@ def mlp2d() -> ml_collections.ConfigDict:
     model.hidden_size = 256
     model.num_layers = 4
     return model
+
+
+def text_unet() -> ml_collections.ConfigDict:
+    """A small text-conditional U-Net (diffusers' `UNet2DConditionModel` field names) on 8x8
+    images, cross-attending to a small CLIP text encoder's states (Rombach et al. 2022,
+    Sec. 3.3): attention at the 8x8 level and in the middle block, 4 heads."""
+    model = _common("text_unet", image_size=8, in_channels=1, learn_sigma=False, num_classes=0)
+    model.block_out_channels = (32, 64)
+    model.layers_per_block = 1
+    model.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
+    model.mid_block_type = "UNetMidBlock2DCrossAttn"  # "" for none
+    model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
+    model.attention_head_dim = 4  # heads per level, as SD's config.json means it
+    model.transformer_layers_per_block = 1
+    model.cross_attention_dim = 32  # = text_encoder.hidden_size
+    model.norm_num_groups = 8
+    model.use_linear_projection = True
+    text = ml_collections.ConfigDict()
+    text.vocab_size = 1024  # at least the tokenizer's (the digits captions': 561)
+    text.hidden_size = 32
+    text.intermediate_size = 128
+    text.num_hidden_layers = 2
+    text.num_attention_heads = 4
+    text.max_position_embeddings = 16  # the tokenizer's max_length (CLIP's: 77)
+    text.hidden_act = "quick_gelu"
+    text.trainable = True  # False: frozen at its init or at `pretrained`, not in the optimizer
+    # a transformers CLIPTextModel folder (config.json + model.safetensors) or a converted one
+    text.pretrained = ""
+    # a tokenizer folder (vocab.json + merges.txt, or tokenizer.json); "": a vocabulary
+    # learned from data.caption_templates filled with the data set's class names
+    text.tokenizer_path = ""
+    model.text_encoder = text
+    return model

@@ -1,7 +1,9 @@
-"""The denoiser networks (U-Net, DiT, residual MLP), built from the ``model`` config section.
+"""The denoiser networks (U-Net, DiT, residual MLP, the text-conditional U-Net), built from
+the ``model`` config section.
 
 ``build_model(config.model)`` validates the section and returns a Flax module with
-``apply({"params": params}, x, t, label=None, train=False, rngs={"dropout": key})``.
+``apply({"params": params}, x, t, label=None, train=False, rngs={"dropout": key})``; the
+label of "text_unet" is the captions' token ids [B, L].
 Every error names the config option at fault, so it can be fixed from the command line.
 """
 
@@ -15,9 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_jax.models.conditional_unet import UNetConditionConfig
 from diffusion_jax.models.dit import DIT_PATCH_SIZES, DIT_SIZES, DiT
 from diffusion_jax.models.layers import COMPUTE_DTYPES, TIME_EMBEDDINGS
 from diffusion_jax.models.mlp import MLPDenoiser
+from diffusion_jax.models.text import CLIPTextConfig
+from diffusion_jax.models.text_conditional import TextConditionalUNet
 from diffusion_jax.models.unet import UNet
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
@@ -25,6 +30,7 @@ CONV_ALGORITHMS = ("auto", "direct", "winograd")
 __all__ = [
     "MODEL_BUILDERS",
     "build_model",
+    "conditional_unet_config",
     "conv_algorithm",
     "count_params",
     "dit_dimensions",
@@ -32,6 +38,7 @@ __all__ = [
     "init_params",
     "output_channels",
     "sample_shape",
+    "text_encoder_config",
 ]
 
 
@@ -54,6 +61,10 @@ MODEL_FIELDS = {
     "unet": (("ch", "ch_mult", "num_res_blocks", "attn_resolutions"), "configs.models.tiny()"),
     "dit": (("variant", "depth", "hidden_size", "mlp_ratio"), "configs.models.dit()"),
     "mlp": (("data_dim", "hidden_size", "num_layers"), "configs.models.mlp2d()"),
+    "text_unet": (
+        ("block_out_channels", "cross_attention_dim", "text_encoder"),
+        "configs.models.text_unet()",
+    ),
 }
 
 
@@ -254,10 +265,80 @@ def _build_mlp(config: ml_collections.ConfigDict) -> nn.Module:
     )
 
 
+def _checked(build: Callable, section: str):
+    """`build()`, its ValueError (naming a field of a model's own config) prefixed with the
+    config section the field is in."""
+    try:
+        return build()
+    except ValueError as error:
+        raise ValueError(f"{section}.{error}") from None
+
+
+def text_encoder_config(config: ml_collections.ConfigDict) -> CLIPTextConfig:
+    """The CLIP text encoder of `model.text_encoder` (CLIPTextConfig's field names)."""
+    text = config.text_encoder
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "max_position_embeddings", "hidden_act")  # fmt: skip
+    return _checked(
+        lambda: CLIPTextConfig(**{key: text[key] for key in fields}, projection_dim=1),
+        "model.text_encoder",
+    )
+
+
+def conditional_unet_config(config: ml_collections.ConfigDict) -> UNetConditionConfig:
+    """The conditional U-Net of the `model` section (diffusers' config.json field names)."""
+    fields = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+              "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
+              "norm_num_groups", "use_linear_projection")  # fmt: skip
+    values = {key: config[key] for key in fields}
+    values["mid_block_type"] = config.mid_block_type or None
+    return _checked(
+        lambda: UNetConditionConfig(
+            sample_size=config.image_size,
+            in_channels=config.in_channels,
+            out_channels=output_channels(config),
+            **values,
+        ),
+        "model",
+    )
+
+
+def _build_text_unet(config: ml_collections.ConfigDict) -> nn.Module:
+    """The U-Net of Rombach et al. 2022 (Sec. 3.3) cross-attending to CLIP text states."""
+    unsupported = {"num_classes": 0, "learn_sigma": False, "time_embedding": "sinusoidal",
+                   "remat": False}  # fmt: skip
+    for key, allowed in unsupported.items():
+        if config[key] != allowed:
+            raise ValueError(
+                f"model.{key}={config[key]!r} with model.name='text_unet'; allowed: {allowed!r}"
+            )
+    text_config = text_encoder_config(config)
+    unet_config = conditional_unet_config(config)
+    if text_config.hidden_size != unet_config.cross_attention_dim:
+        raise ValueError(
+            f"model.text_encoder.hidden_size={text_config.hidden_size} differs from "
+            f"model.cross_attention_dim={unet_config.cross_attention_dim}; allowed: equal "
+            "(the U-Net cross-attends to the text encoder's hidden states)"
+        )
+    factor = unet_config.downsampling_factor
+    if config.image_size % factor:
+        raise ValueError(
+            f"model.image_size={config.image_size} is not divisible by {factor}, the "
+            f"down-sampling of model.block_out_channels={tuple(config.block_out_channels)}"
+        )
+    return TextConditionalUNet(
+        unet_config,
+        text_config,
+        train_text_encoder=bool(config.text_encoder.trainable),
+        dtype=COMPUTE_DTYPES[config.dtype],
+    )
+
+
 MODEL_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "unet": _build_unet,
     "dit": _build_dit,
     "mlp": _build_mlp,
+    "text_unet": _build_text_unet,
 }
 
 
@@ -274,6 +355,8 @@ def _dummy_inputs(model: nn.Module, shape: tuple[int, ...]):
     x = jnp.zeros(shape, jnp.float32)
     t = jnp.zeros(shape[:1], jnp.float32)
     label = jnp.zeros(shape[:1], jnp.int32) if model.num_classes > 0 else None
+    if isinstance(model, TextConditionalUNet):  # token ids of a whole sequence
+        label = jnp.zeros((shape[0], model.max_length), jnp.int32)
     return x, t, label
 
 

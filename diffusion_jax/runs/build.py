@@ -16,12 +16,17 @@ import ml_collections
 from diffusion_jax import data, models
 from diffusion_jax.diffusion import likelihood, losses, timestep_sampling
 from diffusion_jax.diffusion import process as process_lib
+from diffusion_jax.runs import text_conditioning
 from diffusion_jax.training import train_state as train_state_lib
 
 
 def make_train_iterator(config: ml_collections.ConfigDict):
     """This process's share of `data.train_split` in global batches of `training.batch_size`,
-    shuffled by `training.seed`, from its first batch."""
+    shuffled by `training.seed`, from its first batch; a text-conditional model's captions
+    as token ids ("input_ids")."""
+    tokenizer = None
+    if text_conditioning.uses_text(config):
+        tokenizer = text_conditioning.make_tokenizer(config)
     return data.make_dataset(
         config.data,
         split=config.data.train_split,
@@ -29,6 +34,7 @@ def make_train_iterator(config: ml_collections.ConfigDict):
         global_batch_size=config.training.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        tokenizer=tokenizer,
     )
 
 
@@ -51,7 +57,9 @@ def network_fn(model, *, train: bool) -> Callable:
 
 def make_loss_fn(config: ml_collections.ConfigDict, model) -> losses.LossFn:
     """`loss_fn(params, batch, rng, loss_history)` of `diffusion.loss_type`, with label
-    dropout for classifier-free guidance when the model is class-conditional."""
+    dropout for classifier-free guidance when the model is class-conditional; a
+    text-conditional model is conditioned on the captions' token ids (caption dropout is the
+    data's, `data.caption_dropout`)."""
     diffusion = config.diffusion
     apply_fn = network_fn(model, train=True)
     if diffusion.loss_type in losses.DISCRETE_LOSSES:
@@ -86,6 +94,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model) -> losses.LossFn:
         loss_fn = losses.with_label_dropout(
             loss_fn, rate=diffusion.label_dropout, null_label=config.model.num_classes
         )
+    if text_conditioning.uses_text(config):
+        loss_fn = text_conditioning.captions_as_condition(loss_fn)
     return loss_fn
 
 
@@ -95,6 +105,7 @@ def make_create_fn(config: ml_collections.ConfigDict, model, tx) -> Callable:
 
     def create(rng):
         params = models.init_params(model, config.model, rng)
+        params = text_conditioning.with_pretrained_text_encoder(config, params)
         history = None
         if diffusion.timestep_sampling == "importance":
             history = timestep_sampling.init_loss_history(

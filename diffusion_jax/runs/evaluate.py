@@ -12,6 +12,9 @@ EMA, or the raw parameters for -1; the JSON names which) and writes
   `eval.num_samples` samples of `eval.sampler` and their metrics against `eval.reference_split`
   in the extractor's feature space (the FID Inception for images, the digits classifier for
   digits: "fd_digits" is not FID);
+- "prompt_accuracy" (a text-conditional model, `eval.guidance_scales`): the digits
+  classifier's accuracy on samples of each class's prompt at each guidance scale
+  (`runs.prompt_accuracy`);
 - "likelihood": bits/dim on `eval.num_batches` batches of `data.eval_split`: "vlb", the
   discrete variational bound of DDPM (Ho et al. 2020, Eq. 5), and "ode", the probability-flow
   ODE likelihood of uniformly dequantized data (Song et al. 2021, App. D.2), with its NFE.
@@ -40,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_jax import data, samplers
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import sample_quality
-from diffusion_jax.runs import generate, latent, restore
+from diffusion_jax.runs import generate, latent, prompt_accuracy, restore
 from diffusion_jax.runs import likelihood as likelihood_eval
 from diffusion_jax.runtime import compilation, console, parallel, progress, storage
 
@@ -75,6 +78,7 @@ def check_options(config: ml_collections.ConfigDict) -> None:
         evaluation.num_samples, "eval.num_samples", config.eval.metrics
     )
     likelihood_eval.check_options(config)
+    prompt_accuracy.check_options(config)
 
 
 def params_name(config: ml_collections.ConfigDict) -> str:
@@ -248,6 +252,25 @@ def evaluate_samples(config, workdir, model, params, mesh, decode=None) -> dict:
     return report
 
 
+def evaluate_prompts(config, workdir, model, params, mesh, decode=None) -> list[dict]:
+    """`eval.prompt_classifier`'s accuracy on samples of each class's prompt at each of
+    `eval.guidance_scales` (`runs.prompt_accuracy`)."""
+    classifier_config = copy.deepcopy(config)
+    classifier_config.eval.extractor = config.eval.prompt_classifier
+    extractor = make_extractor(classifier_config, workdir)
+    results = prompt_accuracy.prompt_accuracy(
+        config,
+        lambda variant, setting: generate_local_samples(
+            variant, model, params, mesh, setting, decode
+        ),
+        lambda local: extract_gathered(extractor, local)[1],
+        sampler_settings(config),
+    )
+    for result in results:
+        logging.info("Prompt accuracy: %s", result)
+    return results
+
+
 def write_report(workdir: str | os.PathLike, report: dict) -> epath.Path:
     directory = storage.as_path(workdir) / EVAL_DIR
     path = directory / f"step_{report['step']}_{report['params']}.json"
@@ -273,6 +296,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     decode = latent.decoder_for(config, state, mesh)
     if config.eval.metrics:
         report.update(evaluate_samples(config, workdir, model, params, mesh, decode))
+    if config.eval.guidance_scales:
+        report["prompt_accuracy"] = evaluate_prompts(config, workdir, model, params, mesh, decode)
     for name in config.eval.likelihoods:
         report["likelihood"][name] = likelihood_eval.evaluate_likelihood(
             name, config, model, params, mesh
@@ -293,6 +318,9 @@ def show_summary(report: dict, path: os.PathLike) -> None:
         name = f"{entry['sampler']} {entry['num_steps']}{eta}"
         figures = {k: v for k, v in entry.items() if isinstance(v, float)}
         rows.append((name, ", ".join(f"{k} {v:.4g}" for k, v in figures.items())))
+    for entry in report.get("prompt_accuracy", []):
+        name = f"{entry['prompt_template']!r} at guidance {entry['guidance_scale']:g}"
+        rows.append((name, f"accuracy {entry['accuracy']:.3f}"))
     for name, result in report["likelihood"].items():
         rows.append(
             (name, f"{result['bits_per_dim']:.4f} bits/dim (+- {result['standard_error']:.2g})")

@@ -10,7 +10,9 @@ loss trained it:
   the preconditioned denoiser D(x; sigma) of Karras et al. 2022 (Eq. 7), an x0 prediction.
 Class-conditional models sample the class `sampling.label`, or for -1 all K classes in turn
 (the n-th image of a run, over all its batches, has label n % K), with classifier-free
-guidance `sampling.guidance_scale` (Ho & Salimans 2022).
+guidance `sampling.guidance_scale` (Ho & Salimans 2022). Text-conditional models sample the
+P prompts `sampling.prompts` in turn (image n has prompt n % P), guided against the empty
+caption.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from diffusion_jax import models, samplers
 from diffusion_jax.diffusion import losses, noise_schedule
+from diffusion_jax.runs import text_conditioning
 from diffusion_jax.runs.build import make_process, network_fn
 from diffusion_jax.runtime import progress
 
@@ -70,21 +73,37 @@ def make_sampler(config: ml_collections.ConfigDict, schedule, prediction: str):
     }
     allowed = samplers.sampler_options(sampling.sampler)
     options = {key: value for key, value in candidates.items() if key in allowed}
-    conditional = config.model.num_classes > 0
+    guided = is_conditional(config) and sampling.guidance_scale != 1.0
     return samplers.make_sampler(
         sampling.sampler,
         schedule=schedule,
         num_steps=sampling.num_steps,
-        guidance_scale=sampling.guidance_scale if conditional else None,
-        null_cond=config.model.num_classes if conditional else None,
+        # scale 1 is the conditional model: one network call per step, not a batch of 2B
+        guidance_scale=sampling.guidance_scale if guided else None,
+        null_cond=null_condition(config),
         **options,
     )
 
 
+def is_conditional(config: ml_collections.ConfigDict) -> bool:
+    return config.model.num_classes > 0 or text_conditioning.uses_text(config)
+
+
+def null_condition(config: ml_collections.ConfigDict):
+    """The null condition of guidance: label K, the empty caption's ids; None if unconditional."""
+    if text_conditioning.uses_text(config):
+        return text_conditioning.null_ids(text_conditioning.make_tokenizer(config))
+    return config.model.num_classes if config.model.num_classes > 0 else None
+
+
 def sample_labels(config: ml_collections.ConfigDict, count: int, offset=0) -> jnp.ndarray | None:
     """Labels of images offset, ..., offset + count - 1 of a run: `sampling.label`, or image
-    n's n % K (0, 1, ..., K-1, 0, ... across batches). `offset` may be traced."""
+    n's n % K (0, 1, ..., K-1, 0, ... across batches); of a text-conditional model the
+    token ids [count, L] of prompt n % P. `offset` may be traced."""
     num_classes = config.model.num_classes
+    if text_conditioning.uses_text(config):
+        ids = jnp.asarray(text_conditioning.prompt_ids(config, config.sampling.prompts))
+        return ids[(offset + jnp.arange(count)) % len(ids)]
     if num_classes == 0:
         return None
     if config.sampling.label >= 0:
@@ -129,5 +148,5 @@ def draw_samples(config: ml_collections.ConfigDict, generate: Callable, params):
         batches.append(np.asarray(jax.device_get(batch)))
         bar.update(min((index + 1) * batch_size, count))
     bar.close()
-    labels = sample_labels(config, count)
+    labels = None if text_conditioning.uses_text(config) else sample_labels(config, count)
     return np.concatenate(batches)[:count], None if labels is None else np.asarray(labels)

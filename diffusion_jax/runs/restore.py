@@ -9,17 +9,18 @@ import ml_collections
 from absl import logging
 
 from diffusion_jax import models
-from diffusion_jax.runs import build, validate
+from diffusion_jax.runs import build, text_conditioning, validate
 from diffusion_jax.runtime import parallel, storage
 from diffusion_jax.training import checkpointing, optimizer, train_state
 from diffusion_jax.training.train_state import TrainState
 
 
 def build_model_and_optimizer(config: ml_collections.ConfigDict):
-    """(model, tx, lr_schedule) of the config's `model` and `optim` sections."""
+    """(model, tx, lr_schedule) of the config's `model` and `optim` sections (a frozen text
+    encoder left out of the optimizer)."""
     model = models.build_model(config.model)
     tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps=config.training.num_steps)
-    return model, tx, lr_schedule
+    return model, text_conditioning.without_frozen_text_encoder(config, tx), lr_schedule
 
 
 def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str, *, create: bool = True):

@@ -1,7 +1,8 @@
 """--mode=sample: `sampling.num_images` samples from the latest checkpoint's EMA parameters.
 
 `sample(config, workdir)` writes `workdir/samples/sample_<step>.npz` ("samples" and, for a
-class-conditional model, "labels") and a PNG of them.
+class-conditional model, "labels"; for a text-conditional one "prompts", image n's the prompt
+n % P of `sampling.prompts`) and a PNG of them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax.runs import generate, latent, restore
+from diffusion_jax.runs import generate, latent, restore, text_conditioning
 from diffusion_jax.runtime import compilation, console, images, parallel, progress, storage
 
 
@@ -37,6 +38,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
     directory = storage.as_path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
+    if text_conditioning.uses_text(config):
+        prompts = tuple(config.sampling.prompts)
+        arrays["prompts"] = np.asarray([prompts[n % len(prompts)] for n in range(len(samples))])
     arrays_path = directory / f"sample_{step}.npz"
     encoded = io.BytesIO()
     np.savez(encoded, **arrays)

@@ -16,6 +16,7 @@ from diffusion_jax import data
 from diffusion_jax.diffusion import losses, timestep_sampling
 from diffusion_jax.diffusion.process import VARIANCE_TYPES
 from diffusion_jax.diffusion.vlb import DECODERS
+from diffusion_jax.runs.text_conditioning import TEXT_MODEL
 from diffusion_jax.runtime import parallel
 
 
@@ -159,11 +160,47 @@ def check_sampling(config: ml_collections.ConfigDict) -> None:
     _check_positive(sampling.batch_size, "sampling.batch_size")
     _check_label(sampling.label, num_classes)
     guidance = sampling.guidance_scale
-    if num_classes == 0 and guidance is not None and guidance != 1.0:
+    text = config.model.name == TEXT_MODEL
+    if sampling.prompts and not text:
+        raise ValueError(
+            f"sampling.prompts={tuple(sampling.prompts)} with model.name={config.model.name!r}; "
+            f"allowed: () (prompts need model.name={TEXT_MODEL!r})"
+        )
+    if num_classes == 0 and not text and guidance is not None and guidance != 1.0:
         raise ValueError(
             f"sampling.guidance_scale={guidance}: classifier-free guidance needs a "
             "class-conditional model, but model.num_classes=0; allowed: 1.0 (no guidance)"
         )
+
+
+def check_text_model(config: ml_collections.ConfigDict) -> None:
+    """A text-conditional model: captions to condition on, prompts to sample, no bits/dim
+    (the bound needs a condition per example of data.eval_split; not computed)."""
+    if config.model.name != TEXT_MODEL:
+        return
+    data_config = config.data
+    captioned = bool(data_config.caption_templates or data_config.caption_feature)
+    if not captioned and data_config.name != "captioned_folder":
+        raise ValueError(
+            f"model.name={TEXT_MODEL!r} needs captions; allowed: data.caption_templates, "
+            "data.name='captioned_folder', or data.caption_feature"
+        )
+    prompts = tuple(config.sampling.prompts)
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(
+            f"sampling.prompts={prompts}; allowed: one or more strings (the prompts that sample "
+            f"grids and --mode sample draw), for model.name={TEXT_MODEL!r}"
+        )
+    for key, value in (("training.eval_every", config.training.eval_every),
+                       ("eval.likelihoods", tuple(config.eval.likelihoods))):  # fmt: skip
+        if value:
+            raise ValueError(
+                f"{key}={value}: bits/dim of a text-conditional model are not computed; "
+                f"allowed: {key}=0 or ()"
+            )
+    scales = tuple(config.eval.guidance_scales)
+    if not all(isinstance(s, int | float) and s >= 0 for s in scales):
+        raise ValueError(f"eval.guidance_scales={scales}; allowed: numbers >= 0 (1: no guidance)")
 
 
 def check_loop(config: ml_collections.ConfigDict) -> None:
@@ -179,4 +216,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_diffusion(config)
     data.check_options(config.data)  # crops, captions, skipping: each error names its key
     check_model_matches_data(config)
+    check_text_model(config)
     check_sampling(config)

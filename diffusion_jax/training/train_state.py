@@ -66,8 +66,10 @@ def ema_decay_at(decay: float, step: jnp.ndarray, *, warmup: bool) -> jnp.ndarra
 
 
 def update_ema(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * params (Polyak averaging)."""
-    return jax.tree.map(lambda ema, new: decay * ema + (1.0 - decay) * new, ema_params, params)
+    """ema <- decay * ema + (1 - decay) * params (Polyak averaging), computed as
+    ema + (1 - decay) (params - ema), so that the EMA of a parameter that never moves (a
+    frozen text encoder) stays bitwise equal to it."""
+    return jax.tree.map(lambda ema, new: ema + (1.0 - decay) * (new - ema), ema_params, params)
 
 
 def ema_or_params(state: TrainState, ema_index: int):

@@ -8,7 +8,8 @@ import pytest
 from diffusion_jax import models
 from diffusion_jax.runs import validate
 
-CONFIG_NAMES = ("cifar10", "cifar10_iddpm", "cifar10_cond", "celeba64", "mnist", "digits", "toy2d")
+CONFIG_NAMES = ("cifar10", "cifar10_iddpm", "cifar10_cond", "celeba64", "mnist", "digits", "toy2d",
+                "txt2img_digits")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -33,6 +34,9 @@ def test_tiny_shrinks_batch_steps_and_model(name):
     if full.model.name == "unet":
         assert tiny.model.ch <= 16 and tiny.model.learn_sigma == full.model.learn_sigma
         assert tiny.model.num_classes == full.model.num_classes
+    if full.model.name == "text_unet":
+        assert tiny.model.block_out_channels[0] <= 16
+        assert tiny.model.cross_attention_dim == tiny.model.text_encoder.hidden_size <= 16
 
 
 def test_unknown_size_is_named():

@@ -38,3 +38,12 @@ def test_warmup_decay_values():
         rtol=1e-6,
     )
     assert float(train_state.ema_decay_at(0.9999, steps[0], warmup=False)) == np.float32(0.9999)
+
+
+def test_the_ema_of_a_parameter_that_does_not_move_is_that_parameter():
+    """decay * x + (1 - decay) * x rounds away from x (decay 0.1, the warm-up's first): the
+    EMA of a frozen parameter would drift; ema + (1 - decay) (x - ema) does not."""
+    x = jax.random.normal(jax.random.key(0), (10_000,)) * 0.02
+    for decay in (0.1, 0.5, 0.999):
+        ema = jax.jit(train_state.update_ema)(x, x, jnp.float32(decay))
+        np.testing.assert_array_equal(ema, x)

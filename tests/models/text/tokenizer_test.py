@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models.text.tokenizer import CLIPTokenizer
-from tests.clip_vocabulary import clip_vocabulary, merge_pair, word_symbols, write_tokenizer_folder
+from diffusion_jax.models.text.vocabulary import merge_pair, word_symbols
+from tests.clip_vocabulary import clip_vocabulary, write_tokenizer_folder
 
 PROMPTS = [
     "a photo of a cat",
